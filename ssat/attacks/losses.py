@@ -1,0 +1,87 @@
+"""Training losses: standard cross-entropy, TRADES and PGD-AT. Each maps (model, x, y) to (loss, logs).
+
+Labels of -1 mark unlabeled points without a pseudo-label: cross-entropy ignores them, TRADES' KL term
+covers every point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssat.attacks.pgd import eval_mode, pgd_attack, project_linf
+from ssat.errors import ConfigError
+
+
+def labeled_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the points with a label (zero when none has one, instead of NaN)."""
+    if not bool((y >= 0).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, y, ignore_index=-1)
+
+
+def _check_attack(eps: float, alpha: float, steps: int) -> None:
+    for key, value in (("attack.eps", eps), ("attack.alpha", alpha), ("attack.steps", steps)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must not be negative")
+
+
+class CrossEntropyLoss:
+    """Standard training: the intermediate model's default."""
+
+    name = "standard"
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        logits = model(x)
+        loss = labeled_cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "natural": loss.detach()}
+
+
+class TradesLoss:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL.
+
+    The clean softmax that the attack steps aim away from is computed once per batch, in eval mode.
+    """
+
+    def __init__(self, name: str = "trades", eps: float = 0.031, alpha: float = 0.007, steps: int = 10,
+                 beta: float = 6.0):
+        _check_attack(eps, alpha, steps)
+        if beta < 0:
+            raise ConfigError(f"attack.beta={beta} must not be negative")
+        self.name, self.eps, self.alpha, self.steps, self.beta = name, eps, alpha, steps, beta
+
+    def adversarial_examples(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with eval_mode(model):
+            with torch.no_grad():
+                p_clean = F.softmax(model(x), dim=1)
+            x_adv = project_linf(x + 0.001 * torch.randn_like(x), x, self.eps)
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    x_adv.requires_grad_(True)
+                    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+                    (grad,) = torch.autograd.grad(kl, x_adv)
+                    x_adv = project_linf(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
+        return x_adv.detach()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        x_adv = self.adversarial_examples(model, x)
+        logits = model(x)
+        logits_adv = model(x_adv)
+        natural = labeled_cross_entropy(logits, y)
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        loss = natural + self.beta * robust
+        return loss, {"loss": loss.detach(), "natural": natural.detach(), "robust": robust.detach()}
+
+
+class PGDATLoss:
+    """PGD adversarial training (Madry et al. 2018): cross-entropy at PGD examples with a random start."""
+
+    def __init__(self, name: str = "pgd_at", eps: float = 0.031, alpha: float = 0.007, steps: int = 10):
+        _check_attack(eps, alpha, steps)
+        self.name, self.eps, self.alpha, self.steps = name, eps, alpha, steps
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        x_adv = pgd_attack(model, x, y, self.eps, self.alpha, self.steps, random_start=True)
+        loss = labeled_cross_entropy(model(x_adv), y)
+        return loss, {"loss": loss.detach(), "robust": loss.detach()}

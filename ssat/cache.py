@@ -1,0 +1,93 @@
+"""Stage artifacts on disk, keyed by a hash of the config that produced them.
+
+A stage works in ``<root>/<stage>/<key>.partial/`` (kept across crashes so training can resume from its
+checkpoints) and is committed by renaming that folder to ``<root>/<stage>/<key>/`` once its record is written:
+a folder without the ``.partial`` suffix is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Bump when a stage's computation changes so that old artifacts are not reused.
+CACHE_VERSION = 1
+RECORD = "record.json"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def stage_key(name: str, inputs: dict[str, Any]) -> str:
+    """Hash of the stage name, the cache version and everything that affects the stage's output."""
+    payload = json.dumps(
+        {"version": CACHE_VERSION, "stage": name, "inputs": {k: _plain(v) for k, v in inputs.items()}},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageResult:
+    """What a stage left on disk and how long it took when it was computed."""
+
+    name: str
+    key: str
+    path: Path
+    seconds: float
+    cached: bool
+    info: dict[str, Any]
+
+
+class StageCache:
+    """Runs each stage at most once per key; later calls return the committed artifacts."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def path(self, name: str, key: str) -> Path:
+        return self.root / name / key
+
+    def run(self, name: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]]) -> StageResult:
+        key = stage_key(name, inputs)
+        final = self.path(name, key)
+        record_file = final / RECORD
+        if record_file.exists():
+            record = json.loads(record_file.read_text())
+            return StageResult(name, key, final, record["seconds"], True, record["info"])
+        work = final.with_name(key + ".partial")
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(work / "inputs.json", {k: _plain(v) for k, v in inputs.items()})
+        start = time.perf_counter()
+        info = compute(work)
+        seconds = time.perf_counter() - start
+        write_json_atomic(work / RECORD, {"stage": name, "key": key, "seconds": seconds, "info": info})
+        os.rename(work, final)
+        return StageResult(name, key, final, seconds, False, info)

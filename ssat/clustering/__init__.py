@@ -1,0 +1,1 @@
+"""Clustering back-ends for latent selection: FAISS k-means and Gaussian mixtures."""

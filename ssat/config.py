@@ -1,0 +1,32 @@
+"""Checks on the command line that Hydra would otherwise answer with a stack trace."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from ssat.errors import ConfigError
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the yaml files in ssat/conf/<group>/."""
+    folder = resources.files("ssat") / "conf" / group
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_groups() -> list[str]:
+    root = resources.files("ssat") / "conf"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """An unknown option such as ``selector=foo`` (also inside a sweep list) fails in one line naming the choices."""
+    groups = set(config_groups())
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in groups or value in ("", "null"):
+            continue
+        options = group_options(key)
+        for choice in value.split(","):
+            if choice not in options:
+                raise ConfigError(f"unknown {key} '{choice}'; choose one of: {', '.join(options)}")

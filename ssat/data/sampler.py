@@ -1,0 +1,62 @@
+"""The batch sampler of robust self-training (Carmon et al. 2019), sharded for DDP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import Sampler
+
+
+class SSATBatchSampler(Sampler[list[int]]):
+    """Batches of labeled and unlabeled indices in a fixed proportion.
+
+    Dataset indices ``[0, num_labeled)`` are labeled, ``[num_labeled, num_labeled + num_unlabeled)`` unlabeled.
+    Labeled indices walk a fresh permutation (a new one when it runs out); each batch is topped up with
+    unlabeled indices drawn uniformly with replacement, then shuffled. An epoch is ``num_batches`` batches
+    (RST: a fixed number whatever the pool size) or, when None, one pass over labeled plus unlabeled.
+    The draw depends only on (seed, epoch), so a resumed run sees the same batches. With ``world_size > 1``
+    each rank yields its strided share of every global batch.
+    """
+
+    def __init__(self, num_labeled: int, num_unlabeled: int, batch_size: int, unsup_fraction: float,
+                 num_batches: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if num_labeled < 1:
+            raise ValueError("the sampler needs at least one labeled index")
+        self.num_labeled = num_labeled
+        self.num_unlabeled = num_unlabeled
+        self.batch_size = batch_size
+        unlabeled = round(batch_size * unsup_fraction) if num_unlabeled > 0 else 0
+        self.labeled_per_batch = max(1, batch_size - unlabeled)
+        self.num_batches = num_batches or math.ceil((num_labeled + num_unlabeled) / batch_size)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self):
+        """Every global batch of this epoch, before sharding."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_labeled, generator=gen)
+        position = 0
+        for _ in range(self.num_batches):
+            if position >= self.num_labeled:
+                order, position = torch.randperm(self.num_labeled, generator=gen), 0
+            labeled = order[position:position + self.labeled_per_batch]
+            position += len(labeled)
+            parts = [labeled]
+            if self.num_unlabeled > 0:
+                fill = self.batch_size - len(labeled)
+                parts.append(self.num_labeled + torch.randint(self.num_unlabeled, (fill,), generator=gen))
+            batch = torch.cat(parts)
+            yield batch[torch.randperm(len(batch), generator=gen)]
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            yield batch[self.rank::self.world_size].tolist()
+
+    def __len__(self) -> int:
+        return self.num_batches

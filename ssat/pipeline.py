@@ -1,0 +1,238 @@
+"""The selection pipeline: intermediate -> embed -> select -> pseudo-label -> ssat -> evaluate.
+
+Each stage is computed through the StageCache, keyed by the config that affects it and by its inputs' keys,
+so a sweep over selector and budget trains the intermediate model and embeds the pool once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ssat.attacks import CrossEntropyLoss, PGDATLoss
+from ssat.cache import StageCache, StageResult, write_json_atomic
+from ssat.data.splits import SemiSupervisedData
+from ssat.errors import ConfigError, DataError
+from ssat.selection import budget_size
+from ssat.stages.embed import embed_pool, load_embedding
+from ssat.stages.evaluate import evaluate
+from ssat.stages.intermediate import train_intermediate
+from ssat.stages.pseudo_label import pseudo_label
+from ssat.stages.select import select_pool
+from ssat.stages.ssat import train_ssat
+from ssat.stages.training import load_weights
+
+log = logging.getLogger("ssat")
+
+STAGES = ("intermediate", "embed", "select", "pseudo_label", "ssat", "evaluate")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Config errors that can be caught before any data is read."""
+    if not isinstance(cfg.budget, (int, float)) or not 0 < cfg.budget <= 1:
+        raise ConfigError(f"budget={cfg.budget} is outside (0, 1]: it is the fraction of the pool to select")
+    fraction = cfg.selector.get("boundary_fraction")
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise ConfigError(f"selector.boundary_fraction={fraction} is outside [0, 1]")
+    if not 0 <= cfg.ssat.unsup_fraction < 1:
+        raise ConfigError(f"ssat.unsup_fraction={cfg.ssat.unsup_fraction} is outside [0, 1)")
+    for stage in ("intermediate", "ssat"):
+        if cfg[stage].epochs < 1:
+            raise ConfigError(f"{stage}.epochs={cfg[stage].epochs} must be at least 1")
+
+
+def load_data(cfg: DictConfig) -> SemiSupervisedData:
+    """The data set through its loader, split into labeled, validation, pool and test; checked against the config."""
+    dataset = instantiate(cfg.dataset.loader)
+    channels = dataset.train_images.shape[1]
+    if channels != cfg.dataset.channels:
+        raise DataError(f"dataset.channels={cfg.dataset.channels} but the images have {channels} channels")
+    if cfg.dataset.num_classes is None:
+        cfg.dataset.num_classes = len(dataset.classes)
+    elif cfg.dataset.num_classes != len(dataset.classes):
+        raise DataError(f"dataset.num_classes={cfg.dataset.num_classes} but the data set has "
+                        f"{len(dataset.classes)} classes")
+    return instantiate(cfg.pool, dataset=dataset, val_size=cfg.val_size)
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    """Where the non-Lightning stages (embed, evaluate) run: the trainer's accelerator when it is present."""
+    if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def trainer_factory(cfg: DictConfig, run_dir: Path):
+    """Builds a Lightning Trainer from the trainer and logger groups for one training stage."""
+
+    def make_trainer(stage: str, out_dir: Path, max_epochs: int, callbacks: list, batches_per_epoch: int):
+        logger = instantiate(cfg.logger, save_dir=str(run_dir / "logs"), name=stage)
+        return instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger,
+                           default_root_dir=str(out_dir), inference_mode=False, use_distributed_sampler=False,
+                           enable_model_summary=False, num_sanity_val_steps=0,
+                           log_every_n_steps=max(1, min(50, batches_per_epoch)))
+
+    return make_trainer
+
+
+def build_model(cfg: DictConfig):
+    return instantiate(cfg.model)
+
+
+def _banner(number: int, stage: str, what: str) -> None:
+    log.info("[%d/%d] %s: %s", number, len(STAGES), stage, what)
+
+
+def _report_stage(result: StageResult) -> None:
+    state = "from cache" if result.cached else "done"
+    log.info("    %s %s in %.1f s (%s)", result.name, state, result.seconds, result.path)
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Runs (or reuses) every stage for this config and writes the run directory's artifacts."""
+    started = time.perf_counter()
+    check_config(cfg)
+    selector = instantiate(cfg.selector)
+    ssat_loss = instantiate(cfg.attack)
+    data = load_data(cfg)
+    n_selected = len(data.pool_images) if cfg.selector.name == "full" else budget_size(cfg.budget,
+                                                                                        len(data.pool_images))
+    cache = StageCache(cfg.cache_dir)
+    make_trainer = trainer_factory(cfg, run_dir)
+    device = device_of(cfg)
+    data_inputs = {"dataset": cfg.dataset, "pool": cfg.pool, "val_size": cfg.val_size}
+    sizes = data.sizes()
+    results: dict[str, StageResult] = {}
+
+    def run_stage(number: int, name: str, what: str, inputs: dict[str, Any], compute) -> StageResult:
+        _banner(number, name, what)
+        result = cache.run(name, inputs, compute)
+        _report_stage(result)
+        results[name] = result
+        return result
+
+    inter_cfg = cfg.intermediate
+    inter_loss = PGDATLoss(**{k: v for k, v in cfg.attack.items() if k in ("eps", "alpha", "steps")}) \
+        if inter_cfg.adversarial else CrossEntropyLoss()
+
+    def compute_intermediate(out: Path):
+        L.seed_everything(cfg.seed, verbose=False)
+        return train_intermediate(build_model(cfg), data, out, make_trainer, inter_loss, inter_cfg.epochs,
+                                  inter_cfg.batch_size, inter_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
+                                  cfg.seed)
+
+    intermediate = run_stage(
+        1, "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
+        f"{inter_cfg.epochs} epochs",
+        {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate)
+
+    def selection_model():
+        return load_weights(build_model(cfg), intermediate.path / "model.pt")
+
+    embedded = run_stage(
+        2, "embed", f"features of {sizes['pool']} pool images", {"intermediate": intermediate.key},
+        lambda out: embed_pool(selection_model(), data.pool_images, out, cfg.embed.batch_size, device))
+    pool_embedding = load_embedding(embedded.path)
+
+    selected = run_stage(
+        3, "select", f"{selector.name}, budget {cfg.budget} ({n_selected} of {sizes['pool']})",
+        {"embed": embedded.key, "selector": cfg.selector, "budget": cfg.budget, "seed": cfg.seed},
+        lambda out: select_pool(selector, pool_embedding, cfg.budget, cfg.seed, out))
+    selection = np.load(selected.path / "selection.npy")
+
+    labelled = run_stage(
+        4, "pseudo_label", f"{len(selection)} selected points",
+        {"embed": embedded.key, "select": selected.key},
+        lambda out: pseudo_label(pool_embedding.logits, selection, out, data.pool_hidden_labels))
+    pseudo_labels = np.load(labelled.path / "pseudo_labels.npy")
+
+    ssat_cfg = cfg.ssat
+
+    def compute_ssat(out: Path):
+        L.seed_everything(cfg.seed, verbose=False)
+        return train_ssat(build_model(cfg), data, selection, pseudo_labels, out, make_trainer, ssat_loss,
+                          ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction,
+                          ssat_cfg.batches_per_epoch, ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
+                          dict(cfg.eval.val_pgd), cfg.seed)
+
+    trained = run_stage(
+        5, "ssat", f"{ssat_loss.name} on {sizes['labeled']} labeled + {len(selection)} pseudo-labeled, "
+        f"{ssat_cfg.epochs} epochs",
+        {**data_inputs, "model": cfg.model, "ssat": ssat_cfg, "attack": cfg.attack, "val_pgd": cfg.eval.val_pgd,
+         "pseudo_label": labelled.key, "seed": cfg.seed}, compute_ssat)
+
+    def compute_evaluate(out: Path):
+        L.seed_everything(cfg.seed, verbose=False)
+        model = load_weights(build_model(cfg), trained.path / "model.pt")
+        return evaluate(model, data.test_images, data.test_labels, cfg.eval.batch_size, dict(cfg.eval.pgd), device)
+
+    evaluated = run_stage(
+        6, "evaluate", f"clean and PGD-{cfg.eval.pgd.steps} on {sizes['test']} test images",
+        {"ssat": trained.key, "pgd": cfg.eval.pgd, "seed": cfg.seed}, compute_evaluate)
+
+    summary = {
+        "dataset": cfg.dataset.name,
+        "selector": selector.name,
+        "budget": cfg.budget,
+        "seed": cfg.seed,
+        "attack": ssat_loss.name,
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "sizes": {**sizes, **selected.info},
+        "n_pool": sizes["pool"],
+        "n_selected": selected.info["selected"],
+        "clean_acc": evaluated.info["clean_acc"],
+        "robust_acc": evaluated.info["robust_acc"],
+        "pseudo_label_acc": labelled.info.get("pseudo_label_acc"),
+        "intermediate_val_acc": intermediate.info["best_val"],
+        "ssat_epochs": trained.info["epochs"],
+        "ssat_best_epoch": trained.info["best_epoch"],
+        "timings": {name: r.seconds for name, r in results.items()},
+        "total_seconds": sum(r.seconds for r in results.values()),
+        "cached": {name: r.cached for name, r in results.items()},
+        "stage_keys": {name: r.key for name, r in results.items()},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_run_dir(run_dir, results, summary)
+    return summary
+
+
+def write_run_dir(run_dir: Path, results: dict[str, StageResult], summary: dict[str, Any]) -> None:
+    """results.json, the selection and scores, and links to the checkpoints of the training stages."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("selection.npy", "scores.npy"):
+        shutil.copyfile(results["select"].path / name, run_dir / name)
+    for stage in ("intermediate", "ssat"):
+        link_dir = run_dir / "checkpoints" / stage
+        link_dir.mkdir(parents=True, exist_ok=True)
+        for ckpt in ("best.ckpt", "last.ckpt"):
+            target = results[stage].path / "checkpoints" / ckpt
+            link = link_dir / ckpt
+            if target.exists() and not link.is_symlink():
+                os.symlink(target, link)
+    write_json_atomic(run_dir / "results.json", summary)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The short table printed at the end of a run."""
+    s = summary["sizes"]
+    head = ["selector", "budget", "labeled", "pool", "selected (boundary+random)", "clean_acc", "robust_acc"]
+    row = [summary["selector"], f"{summary['budget']:g}", str(s["labeled"]), str(s["pool"]),
+           f"{s['selected']} ({s['boundary']}+{s['random']})", f"{summary['clean_acc']:.4f}",
+           f"{summary['robust_acc']:.4f}"]
+    widths = [max(len(h), len(r)) for h, r in zip(head, row)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join(r.ljust(w) for r, w in zip(row, widths)),
+             "", f"{'stage':<14}{'seconds':>9}  cached"]
+    for name, seconds in summary["timings"].items():
+        lines.append(f"{name:<14}{seconds:>9.1f}  {'yes' if summary['cached'][name] else 'no'}")
+    lines.append(f"{'total':<14}{summary['total_seconds']:>9.1f}")
+    return "\n".join(lines)

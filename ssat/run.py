@@ -1,0 +1,51 @@
+"""Entry point: ``python -m ssat.run [group=option ...] [key=value ...]`` (Hydra; ``-m`` for sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+
+from ssat.config import check_group_choices
+from ssat.errors import SsatError
+from ssat.pipeline import format_summary, run_pipeline
+
+log = logging.getLogger("ssat")
+
+
+def fail(message: str) -> None:
+    print(f"ssat: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Runs one pipeline; returns the robust accuracy (what a Hydra sweeper would maximise)."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run_pipeline(cfg, run_dir)
+    except SsatError as err:
+        fail(str(err))
+    except MissingMandatoryValue as err:
+        fail(f"{err.full_key} must be set (for example {err.full_key}=...)")
+    log.info("results in %s\n\n%s\n", run_dir / "results.json", format_summary(summary))
+    return summary["robust_acc"]
+
+
+def cli() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except SsatError as err:
+        fail(str(err))
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,22 @@
+"""Stage 1: the intermediate model, trained on the labeled set only; it embeds, scores and labels the pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ssat.data.sampler import SSATBatchSampler
+from ssat.data.splits import SemiSupervisedData
+from ssat.stages.training import TrainerFactory, fit
+
+
+def train_intermediate(model: nn.Module, data: SemiSupervisedData, out_dir: Path, make_trainer: TrainerFactory,
+                       train_loss: Callable, epochs: int, batch_size: int, optim: dict[str, Any],
+                       augment: dict[str, Any], eval_batch_size: int, seed: int) -> dict[str, Any]:
+    """Writes checkpoints/{best,last}.ckpt and model.pt (the best weights by validation accuracy)."""
+    sampler = SSATBatchSampler(len(data.labeled_labels), 0, batch_size, 0.0, seed=seed)
+    return fit(model, train_loss, data.labeled_images, data.labeled_labels, len(data.labeled_labels), sampler,
+               data.val_images, data.val_labels, out_dir, make_trainer, "intermediate", epochs, optim, augment,
+               eval_batch_size, val_pgd=None)

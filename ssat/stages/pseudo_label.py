@@ -1,0 +1,19 @@
+"""Stage 4: pseudo-labels of the selected points, the intermediate model's argmax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def pseudo_label(logits: np.ndarray, selection: np.ndarray, out_dir: Path,
+                 hidden_labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Writes pseudo_labels.npy aligned with selection; reports their accuracy when the hidden labels exist."""
+    labels = np.asarray(logits[selection]).argmax(axis=1).astype(np.int64)
+    np.save(out_dir / "pseudo_labels.npy", labels)
+    info: dict[str, Any] = {"labeled": int(len(labels))}
+    if hidden_labels is not None:
+        info["pseudo_label_acc"] = float((labels == hidden_labels[selection]).mean())
+    return info

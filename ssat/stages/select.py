@@ -1,0 +1,24 @@
+"""Stage 3: choose a budget of the pool with a selector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssat.selection import PoolEmbedding, Selector
+
+
+def select_pool(selector: Selector, pool: PoolEmbedding, budget: float, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Writes selection.npy (pool indices, boundary part first), scores.npy, weights.npy, is_boundary.npy."""
+    selection = selector.select(pool, budget, seed)
+    np.save(out_dir / "selection.npy", selection.indices)
+    np.save(out_dir / "scores.npy", selection.scores)
+    np.save(out_dir / "weights.npy", selection.weights)
+    np.save(out_dir / "is_boundary.npy", selection.is_boundary)
+    return {
+        "selected": int(len(selection.indices)),
+        "boundary": selection.num_boundary,
+        "random": int(len(selection.indices) - selection.num_boundary),
+    }

@@ -1,0 +1,29 @@
+"""Stage 5: semi-supervised adversarial training on the labeled set plus the pseudo-labeled selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from torch import nn
+
+from ssat.data.sampler import SSATBatchSampler
+from ssat.data.splits import SemiSupervisedData
+from ssat.stages.training import TrainerFactory, fit
+
+
+def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray, pseudo_labels: np.ndarray,
+               out_dir: Path, make_trainer: TrainerFactory, train_loss: Callable, epochs: int, batch_size: int,
+               unsup_fraction: float, batches_per_epoch: int | None, optim: dict[str, Any],
+               augment: dict[str, Any], eval_batch_size: int, val_pgd: dict[str, Any], seed: int,
+               rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy)."""
+    num_labeled = len(data.labeled_labels)
+    order = np.argsort(selection)  # read the pool in file order
+    images = np.concatenate([data.labeled_images, data.pool_images[selection[order]]])
+    labels = np.concatenate([data.labeled_labels, pseudo_labels[order]])
+    sampler = SSATBatchSampler(num_labeled, len(selection), batch_size, unsup_fraction, batches_per_epoch,
+                               seed=seed, rank=rank, world_size=world_size)
+    return fit(model, train_loss, images, labels, num_labeled, sampler, data.val_images, data.val_labels,
+               out_dir, make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd)

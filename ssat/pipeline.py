@@ -23,7 +23,6 @@ from ssat.attacks import CrossEntropyLoss, PGDATLoss
 from ssat.cache import StageCache, StageResult, write_json_atomic
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
-from ssat.selection import budget_size
 from ssat.stages.embed import embed_pool, load_embedding
 from ssat.stages.evaluate import evaluate
 from ssat.stages.intermediate import train_intermediate
@@ -105,8 +104,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     selector = instantiate(cfg.selector)
     ssat_loss = instantiate(cfg.attack)
     data = load_data(cfg)
-    n_selected = len(data.pool_images) if cfg.selector.name == "full" else budget_size(cfg.budget,
-                                                                                        len(data.pool_images))
+    n_selected = selector.num_selected(cfg.budget, len(data.pool_images))
     cache = StageCache(cfg.cache_dir)
     make_trainer = trainer_factory(cfg, run_dir)
     device = device_of(cfg)
@@ -146,7 +144,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     selected = run_stage(
         3, "select", f"{selector.name}, budget {cfg.budget} ({n_selected} of {sizes['pool']})",
-        {"embed": embedded.key, "selector": cfg.selector, "budget": cfg.budget, "seed": cfg.seed},
+        {"embed": embedded.key, "selector": cfg.selector, "n_selected": n_selected, "seed": cfg.seed},
         lambda out: select_pool(selector, pool_embedding, cfg.budget, cfg.seed, out))
     selection = np.load(selected.path / "selection.npy")
 
@@ -183,7 +181,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary = {
         "dataset": cfg.dataset.name,
         "selector": selector.name,
-        "budget": cfg.budget,
+        # The whole pool is budget 1 whatever was asked (selector=full ignores the budget).
+        "budget": 1.0 if n_selected == sizes["pool"] else cfg.budget,
         "seed": cfg.seed,
         "attack": ssat_loss.name,
         "model": cfg.model._target_.rsplit(".", 1)[-1],

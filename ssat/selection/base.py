@@ -73,7 +73,10 @@ class Selector:
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray | None:
         raise NotImplementedError
 
+    def num_selected(self, budget: float, pool_size: int) -> int:
+        return budget_size(budget, pool_size)
+
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
-        n = budget_size(budget, len(pool))
+        n = self.num_selected(budget, len(pool))
         scores = self.score(pool, seed) if self.boundary_fraction > 0 else None
         return mix_boundary_random(scores, n, self.boundary_fraction, np.random.default_rng(seed), len(pool))

@@ -13,6 +13,9 @@ class FullSelector(Selector):
     def __init__(self, name: str = "full"):
         super().__init__(name, boundary_fraction=0.0)
 
+    def num_selected(self, budget: float, pool_size: int) -> int:
+        return pool_size
+
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
         n = len(pool)
         return Selection(np.arange(n, dtype=np.int64), np.full(n, np.nan), np.ones(n, dtype=np.float32),

@@ -1,0 +1,1 @@
+"""Data sets on disk loaded into uint8 arrays."""

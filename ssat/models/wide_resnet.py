@@ -1,0 +1,93 @@
+"""Wide ResNet (Zagoruyko & Komodakis 2016) as in the TRADES/RST code, the backbone of robust self-training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssat.errors import ConfigError
+from ssat.models.base import Classifier
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation block; when the width changes, the pre-activated input also feeds the 1x1 shortcut."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.dropout = dropout
+        self.shortcut = (
+            nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+            if in_planes != out_planes
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        if self.shortcut is not None:
+            x = out
+        out = F.relu(self.bn2(self.conv1(out)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        out = self.conv2(out)
+        return out + (self.shortcut(x) if self.shortcut is not None else x)
+
+
+class WideResNet(Classifier):
+    """WRN-depth-widen_factor: 3x3 stem, three stages of (depth-4)/6 blocks (16k-32k-64k wide), final BN-ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        depth: int = 28,
+        widen_factor: int = 10,
+        dropout: float = 0.0,
+    ):
+        super().__init__(mean, std)
+        self._check_channels(in_channels)
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ConfigError(f"model depth={depth} is not a Wide ResNet depth; use 6n+4 with n >= 1 (e.g. 28 or 34)")
+        if widen_factor < 1:
+            raise ConfigError(f"model widen_factor={widen_factor} must be a positive integer (e.g. 10)")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"model dropout={dropout} must be in [0, 1)")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+        stages = []
+        for in_planes, out_planes, stride in zip(widths[:-1], widths[1:], (1, 2, 2)):
+            blocks = [WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, dropout)
+                      for i in range(n)]
+            stages.append(nn.Sequential(*blocks))
+        self.block1, self.block2, self.block3 = stages
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.feature_dim = widths[3]
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He init (fan-out) for convs and zero linear bias, as in the TRADES/RST reference code."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def body(self, x_normalized: Tensor) -> Tensor:
+        out = self.conv1(x_normalized)
+        out = self.block3(self.block2(self.block1(out)))
+        out = F.relu(self.bn(out))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)

@@ -1,0 +1,50 @@
+"""Runs of the real command line (`python -m ssat.run`) on the real config tree with small overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# A short schedule on digits: the same stages and code paths as the default run, in seconds.
+FAST = ["intermediate.epochs=10", "ssat.epochs=6", "eval.pgd.steps=10", "eval.val_pgd.steps=3"]
+
+
+class Run:
+    """A finished `python -m ssat.run` process and its run directory."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
+        self.proc = proc
+        self.run_dir = run_dir
+
+    @property
+    def results(self) -> dict:
+        return json.loads((self.run_dir / "results.json").read_text())
+
+    @property
+    def selection(self) -> np.ndarray:
+        return np.load(self.run_dir / "selection.npy")
+
+
+def run_ssat(*overrides: str, run_dir: Path, cache_dir: Path, fast: bool = True, check: bool = True,
+             cwd: Path | None = None) -> Run:
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m before the overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
+    args = [sys.executable, "-m", "ssat.run", *flags, *(FAST if fast else []), *overrides,
+            f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ssat.run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return Run(proc, run_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for the selector runs, so they share the intermediate model and the embedding as a sweep would."""
+    return tmp_path_factory.mktemp("shared_cache")

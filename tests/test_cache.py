@@ -1,0 +1,116 @@
+"""StageCache: each stage computed once per key, committed atomically, resumable from its partial folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from ssat.cache import RECORD, StageCache, stage_key, write_json_atomic
+
+
+class Compute:
+    """A stage body that counts its calls and writes one file."""
+
+    def __init__(self, info=None):
+        self.calls = 0
+        self.info = info if info is not None else {"acc": 0.5}
+
+    def __call__(self, out):
+        self.calls += 1
+        (out / "artifact.txt").write_text(f"call {self.calls}")
+        return dict(self.info)
+
+
+INPUTS = {"model": {"depth": 28, "width": 10}, "seed": 0, "budget": 0.2}
+
+
+def test_second_run_is_cached_and_does_not_compute(tmp_path):
+    """A second run with the same inputs returns cached=True, the same path, seconds and info, no new compute."""
+    cache = StageCache(tmp_path)
+    compute = Compute({"acc": 0.75, "n": 3})
+    first = cache.run("embed", INPUTS, compute)
+    assert not first.cached and compute.calls == 1
+    assert first.path == tmp_path.resolve() / "embed" / first.key
+    assert (first.path / "artifact.txt").read_text() == "call 1"
+    assert first.info == {"acc": 0.75, "n": 3}
+
+    second = StageCache(tmp_path).run("embed", dict(INPUTS), compute)  # a new cache object: read from disk
+    assert compute.calls == 1
+    assert second.cached
+    assert second.key == first.key and second.path == first.path
+    assert second.seconds == first.seconds
+    assert second.info == first.info
+    record = json.loads((first.path / RECORD).read_text())
+    assert record["seconds"] == first.seconds and record["key"] == first.key
+
+
+def test_different_inputs_give_a_new_key_and_compute(tmp_path):
+    cache = StageCache(tmp_path)
+    compute = Compute()
+    a = cache.run("select", INPUTS, compute)
+    b = cache.run("select", {**INPUTS, "budget": 0.3}, compute)
+    c = cache.run("select", {**INPUTS, "model": {"depth": 28, "width": 4}}, compute)
+    d = cache.run("pseudo_label", INPUTS, compute)  # same inputs, another stage
+    assert compute.calls == 4
+    assert len({a.key, b.key, c.key}) == 3
+    assert len({a.path, b.path, c.path, d.path}) == 4
+    assert not any(r.cached for r in (a, b, c, d))
+
+
+def test_key_is_the_same_for_dict_and_dictconfig():
+    """Equal inputs hash alike whether given as plain containers or as OmegaConf nodes, in any key order."""
+    plain = {"dataset": {"name": "digits", "augment": {"crop": 2, "flip": True}}, "seeds": [1, 2], "budget": 0.2}
+    conf = {"dataset": OmegaConf.create({"augment": {"flip": True, "crop": 2}, "name": "digits"}),
+            "seeds": OmegaConf.create([1, 2]), "budget": 0.2}
+    assert stage_key("embed", plain) == stage_key("embed", conf)
+    assert stage_key("embed", plain) == stage_key("embed", OmegaConf.create(plain))
+    assert stage_key("embed", plain) != stage_key("select", plain)
+    changed = {**plain, "dataset": {"name": "digits", "augment": {"crop": 4, "flip": True}}}
+    assert stage_key("embed", plain) != stage_key("embed", changed)
+
+
+def test_key_resolves_interpolations():
+    """A DictConfig is hashed by its resolved values."""
+    conf = OmegaConf.create({"base": 3, "model": {"width": "${base}"}})
+    assert stage_key("s", {"model": conf.model}) == stage_key("s", {"model": {"width": 3}})
+
+
+def test_failed_compute_leaves_only_a_partial_folder_and_resumes(tmp_path):
+    """A compute that raises leaves <key>.partial (never <key>); a later run finishes it and sees its files."""
+    cache = StageCache(tmp_path)
+    key = stage_key("ssat", INPUTS)
+
+    def crash(out):
+        (out / "checkpoint.pt").write_text("epoch 3")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        cache.run("ssat", INPUTS, crash)
+    stage_dir = tmp_path / "ssat"
+    assert sorted(p.name for p in stage_dir.iterdir()) == [f"{key}.partial"]
+    assert not (stage_dir / key).exists()
+    assert not (stage_dir / f"{key}.partial" / RECORD).exists()
+
+    seen = {}
+
+    def resume(out):
+        seen["checkpoint"] = (out / "checkpoint.pt").read_text()
+        return {"resumed_from": seen["checkpoint"]}
+
+    result = cache.run("ssat", INPUTS, resume)
+    assert not result.cached
+    assert seen["checkpoint"] == "epoch 3"
+    assert result.info == {"resumed_from": "epoch 3"}
+    assert sorted(p.name for p in stage_dir.iterdir()) == [key]
+    assert (stage_dir / key / "checkpoint.pt").read_text() == "epoch 3"
+    assert cache.run("ssat", INPUTS, crash).cached  # complete now: the crashing compute is not called
+
+
+def test_write_json_atomic_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "record.json"
+    write_json_atomic(target, {"b": [1, 2], "a": 1.5})
+    write_json_atomic(target, {"b": [3], "a": 2.5})  # overwrite in place
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    assert json.loads(target.read_text()) == {"b": [3], "a": 2.5}

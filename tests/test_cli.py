@@ -1,0 +1,89 @@
+"""The pipeline through its command line on digits: every selector, the cache, determinism, sweeps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_ssat
+
+SELECTORS = ["full", "random", "pcs", "lcs_km", "lcs_gmm"]
+BOUNDARY = {"full": 0.0, "random": 0.0, "pcs": 0.4, "lcs_km": 0.4, "lcs_gmm": 0.4}
+
+
+@pytest.fixture(scope="session")
+def selector_runs(tmp_path_factory, shared_cache):
+    """Each selector at budget 0.2, one after the other against one cache, as a sweep would run them."""
+    root = tmp_path_factory.mktemp("selector_runs")
+    return {s: run_ssat(f"selector={s}", "budget=0.2", run_dir=root / s, cache_dir=shared_cache) for s in SELECTORS}
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_selector_runs_end_to_end(selector_runs, selector):
+    run = selector_runs[selector]
+    results = run.results
+    n_pool = results["sizes"]["pool"]
+    expected = n_pool if selector == "full" else round(0.2 * n_pool)
+    assert results["n_selected"] == expected
+    assert results["sizes"]["boundary"] == round(BOUNDARY[selector] * expected)
+    assert results["sizes"]["boundary"] + results["sizes"]["random"] == expected
+    assert 0.5 < results["clean_acc"] <= 1.0, "digits has 10 classes: chance is 0.1"
+    assert 0 < results["robust_acc"] < results["clean_acc"]
+    assert 0.5 < results["pseudo_label_acc"] <= 1.0
+    selection = run.selection
+    assert len(selection) == expected == len(np.unique(selection))
+    assert selection.min() >= 0 and selection.max() < n_pool
+    assert np.load(run.run_dir / "scores.npy").shape == (n_pool,)
+    assert (run.run_dir / "checkpoints" / "ssat" / "best.ckpt").exists()
+    assert (run.run_dir / ".hydra" / "config.yaml").exists()
+    assert set(results["timings"]) == {"intermediate", "embed", "select", "pseudo_label", "ssat", "evaluate"}
+    table = run.proc.stdout + run.proc.stderr
+    assert "clean_acc" in table and "robust_acc" in table and f"{results['robust_acc']:.4f}" in table
+
+
+def test_sweep_trains_the_intermediate_model_and_embeds_the_pool_once(selector_runs):
+    first, *others = [selector_runs[s].results for s in SELECTORS]
+    assert not first["cached"]["intermediate"] and not first["cached"]["embed"]
+    for results in others:
+        assert results["cached"]["intermediate"] and results["cached"]["embed"]
+        assert results["stage_keys"]["embed"] == first["stage_keys"]["embed"]
+        assert not results["cached"]["select"] and not results["cached"]["ssat"]
+
+
+def test_rerun_takes_every_stage_from_the_cache(selector_runs, shared_cache, tmp_path):
+    again = run_ssat("selector=lcs_km", "budget=0.2", run_dir=tmp_path / "again", cache_dir=shared_cache)
+    before = selector_runs["lcs_km"].results
+    assert all(again.results["cached"].values())
+    assert again.results["stage_keys"] == before["stage_keys"]
+    assert again.results["robust_acc"] == before["robust_acc"]
+    np.testing.assert_array_equal(again.selection, selector_runs["lcs_km"].selection)
+
+
+def test_same_seed_selects_the_same_points_bit_for_bit(selector_runs, tmp_path):
+    """A fresh cache recomputes everything (intermediate training included) and must land on the same selection."""
+    fresh = run_ssat("selector=lcs_km", "budget=0.2", run_dir=tmp_path / "fresh", cache_dir=tmp_path / "cache")
+    assert not any(fresh.results["cached"].values())
+    np.testing.assert_array_equal(fresh.selection, selector_runs["lcs_km"].selection)
+    np.testing.assert_array_equal(np.load(fresh.run_dir / "scores.npy"),
+                                  np.load(selector_runs["lcs_km"].run_dir / "scores.npy"))
+
+
+def test_another_seed_selects_differently(selector_runs, shared_cache, tmp_path):
+    other = run_ssat("selector=lcs_km", "budget=0.2", "seed=1", run_dir=tmp_path / "seed1", cache_dir=shared_cache)
+    assert other.results["seed"] == 1
+    assert not np.array_equal(np.sort(other.selection), np.sort(selector_runs["lcs_km"].selection))
+
+
+def test_multirun_over_selectors_and_budgets(selector_runs, shared_cache, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_ssat("-m", "selector=random,lcs_gmm", "budget=0.1,0.2", f"hydra.sweep.dir={sweep}",
+             run_dir=tmp_path / "unused", cache_dir=shared_cache)
+    found = {}
+    for path in sorted(sweep.glob("*/results.json")):
+        results = json.loads(path.read_text())
+        found[(results["selector"], results["budget"])] = results
+        assert results["n_selected"] == round(results["budget"] * results["sizes"]["pool"])
+        assert results["cached"]["intermediate"] and results["cached"]["embed"]
+    assert set(found) == {("random", 0.1), ("random", 0.2), ("lcs_gmm", 0.1), ("lcs_gmm", 0.2)}

@@ -1,10 +1,13 @@
-"""Checks on the command line that Hydra would otherwise answer with a stack trace."""
+"""Config checks that Hydra would otherwise answer with a stack trace."""
 
 from __future__ import annotations
 
 from importlib import resources
 
-from ssat.errors import ConfigError
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from ssat.errors import ConfigError, SsatError
 
 
 def group_options(group: str) -> list[str]:
@@ -30,3 +33,16 @@ def check_group_choices(overrides: list[str]) -> None:
         for choice in value.split(","):
             if choice not in options:
                 raise ConfigError(f"unknown {key} '{choice}'; choose one of: {', '.join(options)}")
+
+
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but an SsatError raised by the target surfaces as itself (one clear line)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, SsatError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None

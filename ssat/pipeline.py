@@ -16,10 +16,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ssat.attacks import CrossEntropyLoss, PGDATLoss
+from ssat.config import build
 from ssat.cache import StageCache, StageResult, write_json_atomic
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
@@ -36,8 +36,20 @@ log = logging.getLogger("ssat")
 STAGES = ("intermediate", "embed", "select", "pseudo_label", "ssat", "evaluate")
 
 
+def missing_keys(tree: Any, prefix: str = ""):
+    """Dotted keys whose value is still Hydra's "???" (a value the user must give)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from missing_keys(value, f"{prefix}{key}.")
+    elif tree == "???":
+        yield prefix.rstrip(".")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config errors that can be caught before any data is read."""
+    missing = sorted(missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if missing:
+        raise ConfigError(f"{missing[0]} must be set, for example {missing[0]}=<value> on the command line")
     if not isinstance(cfg.budget, (int, float)) or not 0 < cfg.budget <= 1:
         raise ConfigError(f"budget={cfg.budget} is outside (0, 1]: it is the fraction of the pool to select")
     fraction = cfg.selector.get("boundary_fraction")
@@ -52,7 +64,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def load_data(cfg: DictConfig) -> SemiSupervisedData:
     """The data set through its loader, split into labeled, validation, pool and test; checked against the config."""
-    dataset = instantiate(cfg.dataset.loader)
+    dataset = build(cfg.dataset.loader)
     channels = dataset.train_images.shape[1]
     if channels != cfg.dataset.channels:
         raise DataError(f"dataset.channels={cfg.dataset.channels} but the images have {channels} channels")
@@ -61,7 +73,7 @@ def load_data(cfg: DictConfig) -> SemiSupervisedData:
     elif cfg.dataset.num_classes != len(dataset.classes):
         raise DataError(f"dataset.num_classes={cfg.dataset.num_classes} but the data set has "
                         f"{len(dataset.classes)} classes")
-    return instantiate(cfg.pool, dataset=dataset, val_size=cfg.val_size)
+    return build(cfg.pool, dataset=dataset, val_size=cfg.val_size)
 
 
 def device_of(cfg: DictConfig) -> torch.device:
@@ -75,8 +87,8 @@ def trainer_factory(cfg: DictConfig, run_dir: Path):
     """Builds a Lightning Trainer from the trainer and logger groups for one training stage."""
 
     def make_trainer(stage: str, out_dir: Path, max_epochs: int, callbacks: list, batches_per_epoch: int):
-        logger = instantiate(cfg.logger, save_dir=str(run_dir / "logs"), name=stage)
-        return instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger,
+        logger = build(cfg.logger, save_dir=str(run_dir / "logs"), name=stage)
+        return build(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger,
                            default_root_dir=str(out_dir), inference_mode=False, use_distributed_sampler=False,
                            enable_model_summary=False, num_sanity_val_steps=0,
                            log_every_n_steps=max(1, min(50, batches_per_epoch)))
@@ -85,7 +97,7 @@ def trainer_factory(cfg: DictConfig, run_dir: Path):
 
 
 def build_model(cfg: DictConfig):
-    return instantiate(cfg.model)
+    return build(cfg.model)
 
 
 def _banner(number: int, stage: str, what: str) -> None:
@@ -101,9 +113,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Runs (or reuses) every stage for this config and writes the run directory's artifacts."""
     started = time.perf_counter()
     check_config(cfg)
-    selector = instantiate(cfg.selector)
-    ssat_loss = instantiate(cfg.attack)
-    data = load_data(cfg)
+    data = load_data(cfg)  # first: it fills dataset.num_classes, which selectors may interpolate
+    selector = build(cfg.selector)
+    ssat_loss = build(cfg.attack)
     n_selected = selector.num_selected(cfg.budget, len(data.pool_images))
     cache = StageCache(cfg.cache_dir)
     make_trainer = trainer_factory(cfg, run_dir)

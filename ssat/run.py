@@ -10,7 +10,6 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
 from ssat.config import check_group_choices
 from ssat.errors import SsatError
@@ -33,8 +32,6 @@ def main(cfg: DictConfig) -> float:
         summary = run_pipeline(cfg, run_dir)
     except SsatError as err:
         fail(str(err))
-    except MissingMandatoryValue as err:
-        fail(f"{err.full_key} must be set (for example {err.full_key}=...)")
     log.info("results in %s\n\n%s\n", run_dir / "results.json", format_summary(summary))
     return summary["robust_acc"]
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from cifar_archive import extract_cifar_subset
 from conftest import run_ssat
 
 SELECTORS = ["full", "random", "pcs", "lcs_km", "lcs_gmm"]
@@ -87,3 +88,19 @@ def test_multirun_over_selectors_and_budgets(selector_runs, shared_cache, tmp_pa
         assert results["n_selected"] == round(results["budget"] * results["sizes"]["pool"])
         assert results["cached"]["intermediate"] and results["cached"]["embed"]
     assert set(found) == {("random", 0.1), ("random", 0.2), ("lcs_gmm", 0.1), ("lcs_gmm", 0.2)}
+
+
+def test_image_folder_of_real_cifar10_jpegs_with_preact_resnet18(tmp_path):
+    """The issue's `dataset=image_folder dataset.root=<dir> model=preact_resnet18`, on a small real subset."""
+    root = extract_cifar_subset(tmp_path / "cifar", per_class_train=20, per_class_test=5,
+                                classes=["airplane", "cat", "ship"])
+    run = run_ssat("dataset=image_folder", f"dataset.root={root}", "model=preact_resnet18", "val_size=6",
+                   "pool.num_labeled=24", "budget=0.5", "intermediate.epochs=1", "ssat.epochs=1",
+                   "ssat.batch_size=32", "ssat.batches_per_epoch=null", "attack.steps=1", "eval.pgd.steps=2", "eval.val_pgd.steps=1", fast=False,
+                   run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    results = run.results
+    assert results["dataset"] == "image_folder" and results["model"] == "PreActResNet18"
+    assert results["sizes"] == {"labeled": 24, "val": 6, "pool": 30, "test": 15, "selected": 15, "boundary": 6,
+                                "random": 9}
+    assert 0 <= results["robust_acc"] <= results["clean_acc"] <= 1
+    assert (tmp_path / "cache" / "image_folder").is_dir(), "decoded images are cached for the next run"

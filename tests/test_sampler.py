@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from ssat.data.sampler import SSATBatchSampler
+from ssat.errors import ConfigError
 
 
 def batches(sampler) -> list[list[int]]:
@@ -137,3 +138,16 @@ def test_ddp_shards_partition_the_global_batch(batch_size):
         assert s0 == g[0::2] and s1 == g[1::2]  # disjoint positions
         assert Counter(s0) + Counter(s1) == Counter(g)
         assert abs(len(s0) - len(s1)) <= 1
+
+
+def test_no_unsupervised_share_means_no_top_up():
+    """unsup_fraction = 0 with a pool (as RST): labeled-only batches, the last chunk of a permutation left short."""
+    sampler = SSATBatchSampler(num_labeled=10, num_unlabeled=50, batch_size=4, unsup_fraction=0.0, num_batches=3)
+    batches = list(sampler)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert all(i < 10 for b in batches for i in b)
+
+
+def test_zero_batches_per_epoch_is_a_config_error():
+    with pytest.raises(ConfigError, match="ssat.batches_per_epoch=0"):
+        SSATBatchSampler(num_labeled=10, num_unlabeled=5, batch_size=4, unsup_fraction=0.5, num_batches=0)

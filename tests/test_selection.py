@@ -336,3 +336,9 @@ def test_select_pool_writes_consistent_files(tmp_path, scores):
     np.testing.assert_array_equal(is_boundary, np.arange(10) < 5)
     np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), scores)
     assert np.load(tmp_path / "weights.npy").shape == (10,)
+
+
+def test_gmm_posterior_gap_needs_two_components():
+    """posterior_gap with a single component is a config error, found before any fitting."""
+    with pytest.raises(ConfigError, match="n_components"):
+        GMMSelector(boundary_fraction=1.0, n_components=1, score="posterior_gap")

@@ -54,12 +54,12 @@ class TradesLoss:
     def adversarial_examples(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with eval_mode(model):
             with torch.no_grad():
-                p_clean = F.softmax(model(x), dim=1)
+                log_p_clean = F.log_softmax(model(x), dim=1)
             x_adv = project_linf(x + 0.001 * torch.randn_like(x), x, self.eps)
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
-                    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+                    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), log_p_clean, reduction="sum", log_target=True)
                     (grad,) = torch.autograd.grad(kl, x_adv)
                     x_adv = project_linf(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
         return x_adv.detach()
@@ -69,7 +69,8 @@ class TradesLoss:
         logits = model(x)
         logits_adv = model(x_adv)
         natural = labeled_cross_entropy(logits, y)
-        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits, dim=1), reduction="batchmean",
+                          log_target=True)
         loss = natural + self.beta * robust
         return loss, {"loss": loss.detach(), "natural": natural.detach(), "robust": robust.detach()}
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch.utils.data import Sampler
 
+from ssat.errors import ConfigError
+
 
 class SSATBatchSampler(Sampler[list[int]]):
     """Batches of labeled and unlabeled indices in a fixed proportion.
@@ -23,12 +25,14 @@ class SSATBatchSampler(Sampler[list[int]]):
                  num_batches: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
         if num_labeled < 1:
             raise ValueError("the sampler needs at least one labeled index")
+        if num_batches is not None and num_batches < 1:
+            raise ConfigError(f"ssat.batches_per_epoch={num_batches} must be at least 1 (or null for one pass)")
         self.num_labeled = num_labeled
         self.num_unlabeled = num_unlabeled
         self.batch_size = batch_size
         unlabeled = round(batch_size * unsup_fraction) if num_unlabeled > 0 else 0
         self.labeled_per_batch = max(1, batch_size - unlabeled)
-        self.num_batches = num_batches or math.ceil((num_labeled + num_unlabeled) / batch_size)
+        self.num_batches = num_batches if num_batches is not None else math.ceil((num_labeled + num_unlabeled) / batch_size)
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -48,7 +52,7 @@ class SSATBatchSampler(Sampler[list[int]]):
             labeled = order[position:position + self.labeled_per_batch]
             position += len(labeled)
             parts = [labeled]
-            if self.num_unlabeled > 0:
+            if self.labeled_per_batch < self.batch_size:  # as RST: no unlabeled share, no top-up
                 fill = self.batch_size - len(labeled)
                 parts.append(self.num_labeled + torch.randint(self.num_unlabeled, (fill,), generator=gen))
             batch = torch.cat(parts)

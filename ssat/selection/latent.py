@@ -42,6 +42,8 @@ class GMMSelector(Selector):
         super().__init__(name, boundary_fraction)
         if score not in GMM_SCORES:
             raise ConfigError(f"selector.score={score!r} is not one of {', '.join(GMM_SCORES)}")
+        if n_components < 2 and score == "posterior_gap":
+            raise ConfigError(f"selector.n_components={n_components} must be at least 2 for score=posterior_gap")
         self.n_components, self.covariance_type, self.score_type = n_components, covariance_type, score
         self.max_iter, self.reg_covar = max_iter, reg_covar
 

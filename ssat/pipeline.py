@@ -150,8 +150,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return load_weights(build_model(cfg), intermediate.path / "model.pt")
 
     embedded = run_stage(
-        2, "embed", f"features of {sizes['pool']} pool images", {"intermediate": intermediate.key},
-        lambda out: embed_pool(selection_model(), data.pool_images, out, cfg.embed.batch_size, device))
+        2, "embed", f"features of {sizes['pool']} pool images", {"intermediate": intermediate.key,
+                                                                   "dtype": cfg.embed.dtype},
+        lambda out: embed_pool(selection_model(), data.pool_images, out, cfg.embed.batch_size, device,
+                               cfg.embed.dtype))
     pool_embedding = load_embedding(embedded.path)
 
     selected = run_stage(

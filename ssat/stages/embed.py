@@ -1,7 +1,13 @@
-"""Stage 2: penultimate features and logits of the whole pool, streamed to .npy memory maps."""
+"""Stage 2: penultimate features and logits of the whole pool, streamed to .npy memory maps.
+
+The stage is resumable: rows are written in order and the number of rows safely on disk is recorded in
+``progress.json`` after each flush, so a crashed embed restarts where it stopped instead of at row 0.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,30 +18,60 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ssat.attacks import eval_mode
+from ssat.cache import write_json_atomic
+from ssat.errors import ConfigError
+from ssat.selection import PoolEmbedding
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+PROGRESS = "progress.json"
 
 
-def embed_pool(model: nn.Module, images: np.ndarray, out_dir: Path, batch_size: int,
-               device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Writes features.npy (N, D) and logits.npy (N, K), float32, in eval mode without augmentation."""
+def _open_outputs(out_dir: Path, n: int, dim: int, classes: int, dtype: str):
+    """The two output memory maps and the number of rows already written by an earlier attempt."""
+    progress_file = out_dir / PROGRESS
+    layout = {"rows": n, "feature_dim": dim, "classes": classes, "dtype": dtype}
+    if progress_file.exists():
+        progress = json.loads(progress_file.read_text())
+        if {k: progress.get(k) for k in layout} == layout:
+            return (np.load(out_dir / "features.npy", mmap_mode="r+"), np.load(out_dir / "logits.npy", mmap_mode="r+"),
+                    progress["done"], layout)
+    features = open_memmap(out_dir / "features.npy", mode="w+", dtype=DTYPES[dtype], shape=(n, dim))
+    logits = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32, shape=(n, classes))
+    write_json_atomic(progress_file, {**layout, "done": 0})
+    return features, logits, 0, layout
+
+
+def embed_pool(model: nn.Module, images, out_dir: Path, batch_size: int, device: torch.device | str = "cpu",
+               dtype: str = "float32", flush_seconds: float = 30.0) -> dict[str, Any]:
+    """Writes features.npy (N, D) in ``dtype`` and logits.npy (N, K) float32, eval mode, no augmentation."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"embed.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     model = model.to(device)
     n = len(images)
-    features = open_memmap(out_dir / "features.npy", mode="w+", dtype=np.float32, shape=(n, model.feature_dim))
-    logits = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32,
-                         shape=(n, model.head.out_features))
-    with eval_mode(model), torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc="embed", unit="batch", leave=False):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+    features, logits, done, layout = _open_outputs(out_dir, n, model.feature_dim, model.head.out_features, dtype)
+    last_flush = time.monotonic()
+
+    def flush(rows: int) -> None:
+        features.flush()
+        logits.flush()
+        write_json_atomic(out_dir / PROGRESS, {**layout, "done": rows})
+
+    with eval_mode(model), torch.no_grad(), tqdm(total=n, initial=done, desc="embed", unit="img") as bar:
+        for start in range(done, n, batch_size):
+            stop = min(start + batch_size, n)
+            x = torch.from_numpy(np.ascontiguousarray(images[start:stop])).to(device, non_blocking=True)
             z = model.features(x.float().div_(255.0))
-            features[start:start + len(x)] = z.float().cpu().numpy()
-            logits[start:start + len(x)] = model.head(z).float().cpu().numpy()
-    features.flush()
-    logits.flush()
-    return {"num_points": n, "feature_dim": int(model.feature_dim)}
+            features[start:stop] = z.float().cpu().numpy()
+            logits[start:stop] = model.head(z).float().cpu().numpy()
+            bar.update(stop - start)
+            if time.monotonic() - last_flush > flush_seconds:
+                flush(stop)
+                last_flush = time.monotonic()
+    flush(n)
+    return {"num_points": n, "feature_dim": int(model.feature_dim), "resumed_at": int(done)}
 
 
 def load_embedding(stage_dir: Path):
     """The pool embedding written by embed_pool, memory-mapped read-only."""
-    from ssat.selection import PoolEmbedding
-
     return PoolEmbedding(np.load(stage_dir / "features.npy", mmap_mode="r"),
                          np.load(stage_dir / "logits.npy", mmap_mode="r"))

@@ -9,6 +9,7 @@ from torch import nn
 
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.splits import SemiSupervisedData
+from ssat.data.training_set import LabeledAndSelected
 from ssat.stages.training import TrainerFactory, fit
 
 
@@ -17,6 +18,7 @@ def train_intermediate(model: nn.Module, data: SemiSupervisedData, out_dir: Path
                        augment: dict[str, Any], eval_batch_size: int, seed: int) -> dict[str, Any]:
     """Writes checkpoints/{best,last}.ckpt and model.pt (the best weights by validation accuracy)."""
     sampler = SSATBatchSampler(len(data.labeled_labels), 0, batch_size, 0.0, seed=seed)
-    return fit(model, train_loss, data.labeled_images, data.labeled_labels, len(data.labeled_labels), sampler,
+    train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels)
+    return fit(model, train_loss, train_set, sampler,
                data.val_images, data.val_labels, out_dir, make_trainer, "intermediate", epochs, optim, augment,
                eval_batch_size, val_pgd=None)

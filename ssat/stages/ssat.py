@@ -10,6 +10,7 @@ from torch import nn
 
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.splits import SemiSupervisedData
+from ssat.data.training_set import LabeledAndSelected
 from ssat.stages.training import TrainerFactory, fit
 
 
@@ -19,11 +20,9 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
                augment: dict[str, Any], eval_batch_size: int, val_pgd: dict[str, Any], seed: int,
                rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy)."""
-    num_labeled = len(data.labeled_labels)
-    order = np.argsort(selection)  # read the pool in file order
-    images = np.concatenate([data.labeled_images, data.pool_images[selection[order]]])
-    labels = np.concatenate([data.labeled_labels, pseudo_labels[order]])
-    sampler = SSATBatchSampler(num_labeled, len(selection), batch_size, unsup_fraction, batches_per_epoch,
-                               seed=seed, rank=rank, world_size=world_size)
-    return fit(model, train_loss, images, labels, num_labeled, sampler, data.val_images, data.val_labels,
+    train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels, data.pool_images, selection,
+                                   pseudo_labels)
+    sampler = SSATBatchSampler(train_set.num_labeled, len(selection), batch_size, unsup_fraction,
+                               batches_per_epoch, seed=seed, rank=rank, world_size=world_size)
+    return fit(model, train_loss, train_set, sampler, data.val_images, data.val_labels,
                out_dir, make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd)

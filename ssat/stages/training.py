@@ -13,18 +13,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssat.data.sampler import SSATBatchSampler
+from ssat.data.training_set import LabeledAndSelected, batch_as_is
 from ssat.lightning import RobustClassifierModule
 
 # make_trainer(stage, out_dir, max_epochs, callbacks, batches_per_epoch) -> lightning.Trainer
 TrainerFactory = Callable[..., L.Trainer]
 
 
-def tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
-
-
 def eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int) -> DataLoader:
-    return DataLoader(tensor_dataset(images, labels), batch_size=batch_size, shuffle=False)
+    dataset = TensorDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
@@ -32,7 +30,7 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def fit(model: nn.Module, train_loss: Callable, images: np.ndarray, labels: np.ndarray, num_labeled: int,
+def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         sampler: SSATBatchSampler, val_images: np.ndarray, val_labels: np.ndarray, out_dir: Path,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
         eval_batch_size: int, val_pgd: dict[str, Any] | None) -> dict[str, Any]:
@@ -44,7 +42,7 @@ def fit(model: nn.Module, train_loss: Callable, images: np.ndarray, labels: np.n
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
                                  auto_insert_metric_name=False)
     trainer = make_trainer(stage, out_dir, epochs, [checkpoint], len(sampler))
-    train_loader = DataLoader(tensor_dataset(images, labels), batch_sampler=sampler)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is)
     val_loader = eval_loader(val_images, val_labels, eval_batch_size)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, train_loader, val_loader, ckpt_path=last if last.exists() else None)
@@ -57,6 +55,6 @@ def fit(model: nn.Module, train_loss: Callable, images: np.ndarray, labels: np.n
         "best_epoch": int(best["epoch"]),
         "monitor": monitor,
         "best_val": float(score) if score is not None else None,
-        "num_labeled": int(num_labeled),
-        "num_unlabeled": int(len(labels) - num_labeled),
+        "num_labeled": train_set.num_labeled,
+        "num_unlabeled": len(train_set) - train_set.num_labeled,
     }

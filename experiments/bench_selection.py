@@ -1,0 +1,256 @@
+"""Selection cost on a pool of millions: our lcs_km and lcs_gmm against scikit-learn, measured side by side.
+
+    python experiments/bench_selection.py --n 1000000 --dim 512 --json out.json [--embed]
+
+Builds a clustered synthetic feature file on disk, then runs each method in its own process (so its peak RSS
+is its own): our selectors end to end with their default config (read the memory-mapped features, fit, score,
+pick a 20% budget), and scikit-learn's KMeans (k-means++) and GaussianMixture with the same covariance type and
+the same number of iterations, on the same rows. scikit-learn runs on a random subsample when its estimated
+time exceeds --sklearn-seconds; ours is then timed again on exactly those rows for the ratio.
+--embed also measures the embed stage's throughput against the model's bare forward pass on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+K = 10
+BUDGET = 0.2
+
+
+def make_features(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 100_000) -> None:
+    """K anisotropic Gaussian blobs of unequal size, written in chunks (the file may exceed what we want in RAM)."""
+    from numpy.lib.format import open_memmap
+
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(K, dim)).astype(np.float32) * 4
+    scales = rng.uniform(0.5, 2.0, size=(K, dim)).astype(np.float32)
+    weights = rng.dirichlet(np.full(K, 5.0))
+    out = open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        comp = rng.choice(K, size=m, p=weights)
+        out[start:start + m] = means[comp] + scales[comp] * rng.standard_normal((m, dim), dtype=np.float32)
+    out.flush()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compose_selector(name: str):
+    from hydra import compose, initialize_config_module
+
+    from ssat.config import build
+
+    with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"selector={name}"])
+    return build(cfg.selector)
+
+
+def rows_of(features: np.ndarray, rows_file: str | None) -> np.ndarray:
+    if rows_file is None:
+        return features
+    return np.ascontiguousarray(features[np.load(rows_file)])
+
+
+def worker(method: str, features_file: str, rows_file: str | None, iterations: int | None) -> dict:
+    """One measurement, in its own process; prints a JSON line."""
+    from ssat.selection import PoolEmbedding
+
+    features = np.load(features_file, mmap_mode="r")
+    start = time.perf_counter()
+    x = rows_of(features, rows_file)
+    result: dict = {"method": method, "rows": len(x)}
+    if method == "ours_lcs_km":
+        selector = compose_selector("lcs_km")
+        pool = PoolEmbedding(x, np.zeros((len(x), K), dtype=np.float32))
+        selector.select(pool, BUDGET, seed=0)
+        result["inertia"] = selector.fitted_.inertia
+        result["iterations"] = selector.niter
+    elif method == "ours_lcs_gmm":
+        selector = compose_selector("lcs_gmm")
+        if iterations is not None:  # equal iterations with scikit-learn: no early stop
+            selector.max_iter, selector.tol = iterations, 0.0
+        pool = PoolEmbedding(x, np.zeros((len(x), K), dtype=np.float32))
+        selector.select(pool, BUDGET, seed=0)
+        result["mean_log_likelihood"] = selector.fitted_.mean_log_likelihood
+        result["iterations"] = selector.fitted_.n_iter
+        result["pca_dim"] = selector.pca_dim
+    elif method == "sklearn_kmeans":
+        from sklearn.cluster import KMeans
+
+        km = KMeans(K, init="k-means++", n_init=1, max_iter=iterations, tol=0.0, random_state=0).fit(x)
+        result["inertia"] = float(km.inertia_)
+        result["iterations"] = int(km.n_iter_)
+    elif method == "sklearn_gmm":
+        from sklearn.mixture import GaussianMixture
+
+        selector = compose_selector("lcs_gmm")
+        x = selector.reduce(x)  # the rows our GMM is fitted on (after the selector's PCA, if any)
+        start = time.perf_counter()
+        gmm = GaussianMixture(K, covariance_type=selector.covariance_type, max_iter=iterations, tol=0.0,
+                              reg_covar=selector.reg_covar, random_state=0).fit(x)
+        result["mean_log_likelihood"] = float(gmm.score(x))
+        result["iterations"] = int(gmm.n_iter_)
+    else:
+        raise SystemExit(f"unknown method {method}")
+    result["seconds"] = time.perf_counter() - start
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def measure(method: str, features_file: Path, rows_file: Path | None = None, iterations: int | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--features", str(features_file)]
+    if rows_file is not None:
+        cmd += ["--rows", str(rows_file)]
+    if iterations is not None:
+        cmd += ["--iterations", str(iterations)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {method:<16} rows={result['rows']:>8}  {result['seconds']:8.1f} s  peak {result['peak_rss_mb']:7.0f} MB",
+          flush=True)
+    return result
+
+
+def sklearn_rows(method: str, features_file: Path, n: int, iterations: int, budget_seconds: float,
+                 workdir: Path) -> Path | None:
+    """None (all rows) when scikit-learn fits in the time budget, else a file of subsample row indices."""
+    probe = min(n, 20_000)
+    rows = workdir / f"probe_{method}.npy"
+    np.save(rows, np.sort(np.random.default_rng(1).choice(n, probe, replace=False)))
+    seconds = measure(method, features_file, rows, iterations)["seconds"]
+    estimate = seconds * n / probe
+    if estimate <= budget_seconds:
+        return None
+    m = max(probe, int(probe * budget_seconds / seconds))
+    print(f"  {method}: about {estimate:.0f} s on all {n} rows; running it on a random subsample of {m} rows")
+    sub = workdir / f"rows_{method}.npy"
+    np.save(sub, np.sort(np.random.default_rng(2).choice(n, m, replace=False)))
+    return sub
+
+
+def bench_embed(n: int = 20_000, batch_size: int = 512) -> dict:
+    """Embed stage vs the bare forward pass of the same model on the same batches (CIFAR-sized images)."""
+    import torch
+
+    from ssat.models import SmallCNN
+    from ssat.stages.embed import embed_pool
+
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=3, num_classes=10, mean=[0.5] * 3, std=[0.25] * 3).eval()
+    images = np.random.default_rng(0).integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                z = model.features(torch.from_numpy(images[i:i + batch_size]).float().div_(255))
+                model.head(z)
+        return time.perf_counter() - start
+
+    def stage() -> float:
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            embed_pool(model, images, Path(out), batch_size)
+            return time.perf_counter() - start
+
+    bare(), stage()  # warm-up
+    times = {"bare": [], "embed": []}
+    for _ in range(3):  # interleaved, best of three
+        times["bare"].append(bare())
+        times["embed"].append(stage())
+    bare_ips, embed_ips = n / min(times["bare"]), n / min(times["embed"])
+    return {"images": n, "bare_forward_images_per_second": bare_ips, "embed_images_per_second": embed_ips,
+            "embed_over_bare": embed_ips / bare_ips}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--workdir", type=Path, help="where the feature file goes (default: a temporary folder)")
+    parser.add_argument("--sklearn-seconds", type=float, default=180.0,
+                        help="subsample for scikit-learn when its estimated time exceeds this")
+    parser.add_argument("--embed", action="store_true", help="also measure embed throughput against bare forward")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--features", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    parser.add_argument("--iterations", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.features, args.rows, args.iterations)))
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        features_file = workdir / "features.npy"
+        start = time.perf_counter()
+        make_features(features_file, args.n, args.dim)
+        file_mb = features_file.stat().st_size / 2**20
+        print(f"features: {args.n} x {args.dim} float32, {file_mb:.0f} MB, written in "
+              f"{time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs", flush=True)
+        report: dict = {"n": args.n, "dim": args.dim, "feature_file_mb": file_mb,
+                        "memory_limit_mb": 1.5 * file_mb + 1024, "cpus": os.cpu_count(), "methods": {}}
+        methods = report["methods"]
+
+        print("lcs_km (FAISS k-means, k-means++ start) against scikit-learn KMeans (k-means++):")
+        methods["ours_lcs_km"] = measure("ours_lcs_km", features_file)
+        iterations = methods["ours_lcs_km"]["iterations"]
+        rows = sklearn_rows("sklearn_kmeans", features_file, args.n, iterations, args.sklearn_seconds, workdir)
+        methods["sklearn_kmeans"] = measure("sklearn_kmeans", features_file, rows, iterations)
+        if rows is not None:
+            methods["ours_lcs_km_same_rows"] = measure("ours_lcs_km", features_file, rows)
+        same = methods.get("ours_lcs_km_same_rows", methods["ours_lcs_km"])
+        methods["sklearn_kmeans"]["sklearn_seconds_over_ours"] = methods["sklearn_kmeans"]["seconds"] / same["seconds"]
+        methods["sklearn_kmeans"]["inertia_ours_over_sklearn"] = same["inertia"] / methods["sklearn_kmeans"]["inertia"]
+
+        print("lcs_gmm (torch EM) against scikit-learn GaussianMixture, same iterations:")
+        methods["ours_lcs_gmm"] = measure("ours_lcs_gmm", features_file)
+        iterations = methods["ours_lcs_gmm"]["iterations"]
+        rows = sklearn_rows("sklearn_gmm", features_file, args.n, iterations, args.sklearn_seconds, workdir)
+        methods["sklearn_gmm"] = measure("sklearn_gmm", features_file, rows, iterations)
+        methods["ours_lcs_gmm_same_rows"] = measure("ours_lcs_gmm", features_file, rows, iterations)
+        same = methods["ours_lcs_gmm_same_rows"]
+        sk = methods["sklearn_gmm"]
+        sk["sklearn_seconds_over_ours"] = sk["seconds"] / same["seconds"]
+        sk["loglik_relative_difference"] = abs(same["mean_log_likelihood"] - sk["mean_log_likelihood"]) / abs(
+            sk["mean_log_likelihood"])
+
+        if args.embed:
+            print("embed stage against the bare forward pass:")
+            report["embed"] = bench_embed()
+
+    print("\nmethod                 rows      seconds  peak MB  objective")
+    for name, m in methods.items():
+        objective = m.get("inertia", m.get("mean_log_likelihood"))
+        print(f"{name:<22}{m['rows']:>8}  {m['seconds']:9.1f}  {m['peak_rss_mb']:7.0f}  {objective:.6g}")
+    km, gmm = methods["sklearn_kmeans"], methods["sklearn_gmm"]
+    print(f"\nlcs_km: sklearn/ours time {km['sklearn_seconds_over_ours']:.1f}x on {km['rows']} rows; "
+          f"inertia ours/sklearn {km['inertia_ours_over_sklearn']:.4f}")
+    print(f"lcs_gmm: sklearn/ours time {gmm['sklearn_seconds_over_ours']:.1f}x on {gmm['rows']} rows at "
+          f"{gmm['iterations']} iterations; mean log-likelihood differs by {100 * gmm['loglik_relative_difference']:.3f}%")
+    print(f"memory limit (1.5 x feature file + 1 GB): {report['memory_limit_mb']:.0f} MB")
+    if "embed" in report:
+        e = report["embed"]
+        print(f"embed: {e['embed_images_per_second']:.0f} img/s vs bare forward {e['bare_forward_images_per_second']:.0f}"
+              f" img/s ({100 * e['embed_over_bare']:.1f}%)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -120,7 +120,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     cache = StageCache(cfg.cache_dir)
     make_trainer = trainer_factory(cfg, run_dir)
     device = device_of(cfg)
-    data_inputs = {"dataset": cfg.dataset, "pool": cfg.pool, "val_size": cfg.val_size}
+    data_inputs = {"dataset": cfg.dataset, "pool": cfg.pool, "val_size": cfg.val_size,
+                   "pool_files": getattr(data.pool_images, "fingerprint", None)}
     sizes = data.sizes()
     results: dict[str, StageResult] = {}
 

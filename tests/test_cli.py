@@ -104,3 +104,25 @@ def test_image_folder_of_real_cifar10_jpegs_with_preact_resnet18(tmp_path):
                                 "random": 9}
     assert 0 <= results["robust_acc"] <= results["clean_acc"] <= 1
     assert (tmp_path / "cache" / "image_folder").is_dir(), "decoded images are cached for the next run"
+
+
+def test_npz_pool_in_parts_selects_exactly_as_the_pool_held_in_memory(selector_runs, tmp_path):
+    """The digits pool written as three .npz parts (stored and compressed) and run with pool=npz: same selection."""
+    from ssat.data.datasets import load_digits
+    from ssat.data.splits import split_pool
+
+    data = split_pool(load_digits(test_fraction=0.2, split_seed=0), val_size=150, num_labeled=300,
+                      num_unlabeled=None, split_seed=0)
+    parts = []
+    for i, rows in enumerate(np.array_split(np.arange(len(data.pool_images)), 3)):
+        path = tmp_path / f"part{i}.npz"
+        save = np.savez_compressed if i == 1 else np.savez
+        save(path, image=data.pool_images[rows, 0], label=data.pool_hidden_labels[rows])
+        parts.append(str(path))
+    run = run_ssat("pool=npz", f"pool.paths=[{','.join(parts)}]", "selector=lcs_km", "budget=0.2",
+                   run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    in_memory = selector_runs["lcs_km"]
+    assert run.results["sizes"] == in_memory.results["sizes"]
+    np.testing.assert_array_equal(run.selection, in_memory.selection)
+    assert run.results["pseudo_label_acc"] == in_memory.results["pseudo_label_acc"]
+    assert (tmp_path / "cache" / "pools").is_dir()

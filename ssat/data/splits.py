@@ -70,21 +70,31 @@ def split_pool(dataset, val_size: int, num_labeled: int, num_unlabeled: int | No
             f"{n_train} images minus val_size={val_size} and pool.num_labeled={num_labeled} leave {left}"
         )
     rng = np.random.default_rng(split_seed)
-    everything = np.arange(n_train)
+    val, labeled, left = carve_val_and_labeled(labels, val_size, num_labeled, rng)
+    pool = left if num_unlabeled is None else np.sort(rng.permutation(left)[:num_unlabeled])
+    return assemble(dataset, val, labeled, dataset.train_images[pool], labels[pool])
+
+
+def carve_val_and_labeled(labels: np.ndarray, val_size: int, num_labeled: int | None, rng: np.random.Generator):
+    """Indices of a stratified validation split, then of a stratified labeled set of ``num_labeled`` (None: all
+    the rest), and of what is left; every pool type carves the same way, so equal seeds give equal splits."""
+    everything = np.arange(len(labels))
     val = stratified_take(labels, everything, val_size, rng)
     rest = np.setdiff1d(everything, val)
-    labeled = stratified_take(labels, rest, num_labeled, rng)
-    pool = np.setdiff1d(rest, labeled)
-    if num_unlabeled is not None:
-        pool = np.sort(rng.permutation(pool)[:num_unlabeled])
-    images = dataset.train_images
+    labeled = rest if num_labeled is None else stratified_take(labels, rest, num_labeled, rng)
+    return val, labeled, np.setdiff1d(rest, labeled)
+
+
+def assemble(dataset, val: np.ndarray, labeled: np.ndarray, pool_images,
+             pool_hidden_labels: np.ndarray | None) -> SemiSupervisedData:
+    images, labels = dataset.train_images, dataset.train_labels
     return SemiSupervisedData(
         labeled_images=images[labeled],
         labeled_labels=labels[labeled],
         val_images=images[val],
         val_labels=labels[val],
-        pool_images=images[pool],
-        pool_hidden_labels=labels[pool],
+        pool_images=pool_images,
+        pool_hidden_labels=pool_hidden_labels,
         test_images=dataset.test_images,
         test_labels=dataset.test_labels,
         classes=list(dataset.classes),

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ from ssat.config import build
 from ssat.cache import StageCache, StageResult, write_json_atomic
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
+from ssat.data.pools import MemmapImages
+from ssat.generation.sampling import IMAGES
+from ssat.generation.unet import check_lambda, check_pretrained
+from ssat.selection.generated import GuidedGeneration
 from ssat.stages.embed import embed_pool, load_embedding
+from ssat.stages.generate import UNET_DIR, ddpm_finetune, ddpm_pretrain, generated_pool_sizes, sample
 from ssat.stages.evaluate import evaluate
 from ssat.stages.intermediate import train_intermediate
 from ssat.stages.pseudo_label import pseudo_label
@@ -100,10 +106,6 @@ def build_model(cfg: DictConfig):
     return build(cfg.model)
 
 
-def _banner(number: int, stage: str, what: str) -> None:
-    log.info("[%d/%d] %s: %s", number, len(STAGES), stage, what)
-
-
 def _report_stage(result: StageResult) -> None:
     state = "from cache" if result.cached else "done"
     log.info("    %s %s in %.1f s (%s)", result.name, state, result.seconds, result.path)
@@ -116,6 +118,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = load_data(cfg)  # first: it fills dataset.num_classes, which selectors may interpolate
     selector = build(cfg.selector)
     ssat_loss = build(cfg.attack)
+    generative = isinstance(selector, GuidedGeneration)
+    if generative:  # a bad DDPM source or setting fails now, not after the intermediate model has trained
+        check_generation(cfg, data)
     n_selected = selector.num_selected(cfg.budget, len(data.pool_images))
     cache = StageCache(cfg.cache_dir)
     make_trainer = trainer_factory(cfg, run_dir)
@@ -125,8 +130,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sizes = data.sizes()
     results: dict[str, StageResult] = {}
 
-    def run_stage(number: int, name: str, what: str, inputs: dict[str, Any], compute) -> StageResult:
-        _banner(number, name, what)
+    plan = [*(generation_stages(cfg) if generative else ()), *STAGES]
+
+    def run_stage(name: str, what: str, inputs: dict[str, Any], compute) -> StageResult:
+        log.info("[%d/%d] %s: %s", len(results) + 1, len(plan), name, what)
         result = cache.run(name, inputs, compute)
         _report_stage(result)
         results[name] = result
@@ -143,28 +150,35 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                   cfg.seed)
 
     intermediate = run_stage(
-        1, "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
+        "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
         f"{inter_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate)
 
     def selection_model():
         return load_weights(build_model(cfg), intermediate.path / "model.pt")
 
+    pool_source = None  # the pool comes with the data, unless a guided DDPM generates it
+    if generative:
+        pool_source, data = generate_pool_stages(cfg, selector, data, data_inputs, intermediate, selection_model,
+                                                 run_stage, make_trainer, device)
+        sizes = data.sizes()
+        n_selected = selector.num_selected(cfg.budget, sizes["pool"])
+
     embedded = run_stage(
-        2, "embed", f"features of {sizes['pool']} pool images", {"intermediate": intermediate.key,
-                                                                   "dtype": cfg.embed.dtype},
+        "embed", f"features of {sizes['pool']} pool images", {"intermediate": intermediate.key,
+                                                                   "pool": pool_source, "dtype": cfg.embed.dtype},
         lambda out: embed_pool(selection_model(), data.pool_images, out, cfg.embed.batch_size, device,
                                cfg.embed.dtype))
     pool_embedding = load_embedding(embedded.path)
 
     selected = run_stage(
-        3, "select", f"{selector.name}, budget {cfg.budget} ({n_selected} of {sizes['pool']})",
+        "select", f"{selector.name}, budget {cfg.budget} ({n_selected} of {sizes['pool']})",
         {"embed": embedded.key, "selector": cfg.selector, "n_selected": n_selected, "seed": cfg.seed},
         lambda out: select_pool(selector, pool_embedding, cfg.budget, cfg.seed, out))
     selection = np.load(selected.path / "selection.npy")
 
     labelled = run_stage(
-        4, "pseudo_label", f"{len(selection)} selected points",
+        "pseudo_label", f"{len(selection)} selected points",
         {"embed": embedded.key, "select": selected.key},
         lambda out: pseudo_label(pool_embedding.logits, selection, out, data.pool_hidden_labels))
     pseudo_labels = np.load(labelled.path / "pseudo_labels.npy")
@@ -179,7 +193,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                           dict(cfg.eval.val_pgd), cfg.seed)
 
     trained = run_stage(
-        5, "ssat", f"{ssat_loss.name} on {sizes['labeled']} labeled + {len(selection)} pseudo-labeled, "
+        "ssat", f"{ssat_loss.name} on {sizes['labeled']} labeled + {len(selection)} pseudo-labeled, "
         f"{ssat_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "ssat": ssat_cfg, "attack": cfg.attack, "val_pgd": cfg.eval.val_pgd,
          "pseudo_label": labelled.key, "seed": cfg.seed}, compute_ssat)
@@ -190,7 +204,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return evaluate(model, data.test_images, data.test_labels, cfg.eval.batch_size, dict(cfg.eval.pgd), device)
 
     evaluated = run_stage(
-        6, "evaluate", f"clean and PGD-{cfg.eval.pgd.steps} on {sizes['test']} test images",
+        "evaluate", f"clean and PGD-{cfg.eval.pgd.steps} on {sizes['test']} test images",
         {"ssat": trained.key, "pgd": cfg.eval.pgd, "seed": cfg.seed}, compute_evaluate)
 
     summary = {
@@ -203,6 +217,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "model": cfg.model._target_.rsplit(".", 1)[-1],
         "sizes": {**sizes, **selected.info},
         "n_pool": sizes["pool"],
+        "n_generated": sizes["pool"] if generative else 0,
         "n_selected": selected.info["selected"],
         "clean_acc": evaluated.info["clean_acc"],
         "robust_acc": evaluated.info["robust_acc"],
@@ -218,6 +233,63 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     write_run_dir(run_dir, results, summary)
     return summary
+
+
+def generation_stages(cfg: DictConfig) -> tuple[str, ...]:
+    """The stages that make the pool of a generative selector, before embed (which labels the samples)."""
+    gen = cfg.generation
+    return (*(("ddpm_pretrain",) if gen.pretrained is None else ()), "ddpm_finetune", "sample",
+            *(("sample_plain",) if gen.plain_fraction > 0 else ()))
+
+
+def check_generation(cfg: DictConfig, data: SemiSupervisedData) -> None:
+    gen = cfg.generation
+    check_lambda(gen.lam)
+    generated_pool_sizes(gen.num_images, gen.plain_fraction, cfg.budget, gen.budget_of)
+    _, channels, size, _ = data.labeled_images.shape
+    if gen.pretrained is not None:
+        check_pretrained(gen.pretrained, size, channels)
+
+
+def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: SemiSupervisedData,
+                         data_inputs: dict[str, Any], intermediate: StageResult, selection_model, run_stage,
+                         make_trainer, device) -> tuple[list[str], SemiSupervisedData]:
+    """PCG / LCG: (pretrain,) fine-tune with guidance and sample; the samples become the unlabeled pool."""
+    gen = cfg.generation
+    n_guided, n_plain = generated_pool_sizes(gen.num_images, gen.plain_fraction, cfg.budget, gen.budget_of)
+    if gen.pretrained is None:
+        pretrained = run_stage(
+            "ddpm_pretrain", f"a small UNet from scratch on {len(data.labeled_labels)} labeled images, "
+            f"{gen.pretrain.epochs} epochs",
+            {**data_inputs, "unet": gen.unet, "pretrain": gen.pretrain, "seed": cfg.seed},
+            lambda out: ddpm_pretrain(data, out, make_trainer, OmegaConf.to_container(gen.unet), gen.pretrain.epochs,
+                                      gen.pretrain.batch_size, gen.pretrain.lr, cfg.seed))
+        source, source_key = str(pretrained.path / UNET_DIR), pretrained.key
+    else:
+        source = source_key = gen.pretrained
+
+    finetuned = run_stage(
+        "ddpm_finetune", f"{selector.name} guidance, lambda {gen.lam}, {gen.finetune.epochs} epochs",
+        {"source": source_key, "intermediate": intermediate.key, "guidance": cfg.selector.guidance, "lam": gen.lam,
+         "finetune": gen.finetune, "seed": cfg.seed},
+        lambda out: ddpm_finetune(data, selection_model(), source, out, make_trainer, selector.guidance, gen.lam,
+                                  gen.finetune.epochs, gen.finetune.batch_size, gen.finetune.lr,
+                                  gen.finetune.bank_size, cfg.seed, device))
+    sampler = gen.sampler
+
+    def sample_from(unet_dir: str, n: int, seed: int):
+        return lambda out: sample(unet_dir, out, n, sampler.batch_size, seed, sampler.scheduler,
+                                  sampler.num_inference_steps, device)
+
+    parts = [run_stage("sample", f"{n_guided} images from the fine-tuned DDPM ({sampler.scheduler})",
+                       {"ddpm": finetuned.key, "n": n_guided, "sampler": sampler, "seed": cfg.seed},
+                       sample_from(str(finetuned.path / UNET_DIR), n_guided, cfg.seed))]
+    if n_plain > 0:
+        parts.append(run_stage("sample_plain", f"{n_plain} images from the DDPM before fine-tuning",
+                               {"ddpm": source_key, "n": n_plain, "sampler": sampler, "seed": cfg.seed + 1},
+                               sample_from(source, n_plain, cfg.seed + 1)))
+    pool = MemmapImages([part.path / IMAGES for part in parts])
+    return [part.key for part in parts], replace(data, pool_images=pool, pool_hidden_labels=None)
 
 
 def write_run_dir(run_dir: Path, results: dict[str, StageResult], summary: dict[str, Any]) -> None:

@@ -126,3 +126,30 @@ def test_npz_pool_in_parts_selects_exactly_as_the_pool_held_in_memory(selector_r
     np.testing.assert_array_equal(run.selection, in_memory.selection)
     assert run.results["pseudo_label_acc"] == in_memory.results["pseudo_label_acc"]
     assert (tmp_path / "cache" / "pools").is_dir()
+
+
+GENERATION_FAST = ["generation.pretrain.epochs=2", "generation.finetune.epochs=1", "generation.num_images=64",
+                   "generation.sampler.num_inference_steps=4"]
+
+
+def test_guided_generation_runs_the_whole_chain(selector_runs, shared_cache, tmp_path):
+    """selector=lcg_km on digits: a small DDPM is pretrained, fine-tuned with guidance, sampled and trained on."""
+    run = run_ssat("selector=lcg_km", "generation.plain_fraction=0.25", *GENERATION_FAST,
+                   run_dir=tmp_path / "run", cache_dir=shared_cache)
+    results = run.results
+    assert results["n_generated"] == results["n_selected"] == results["sizes"]["pool"] == 64
+    assert {"ddpm_pretrain", "ddpm_finetune", "sample", "sample_plain", "embed", "ssat", "evaluate"} <= set(
+        results["timings"])
+    assert results["cached"]["intermediate"], "the intermediate model is shared with the selection runs"
+    assert results["pseudo_label_acc"] is None, "generated images have no hidden labels"
+    assert 0 <= results["robust_acc"] <= results["clean_acc"] <= 1
+    assert results["total_seconds"] == pytest.approx(sum(results["timings"].values()))
+
+
+def test_unreachable_ddpm_fails_before_any_training(tmp_path):
+    run = run_ssat("selector=pcg", "generation.pretrained=google/ddpm-cifar10-32", run_dir=tmp_path / "run",
+                   cache_dir=tmp_path / "cache", check=False)
+    assert run.proc.returncode == 2
+    assert run.proc.stderr.strip().splitlines()[-1].startswith("ssat: error: ")
+    assert "google/ddpm-cifar10-32" in run.proc.stderr
+    assert not (tmp_path / "cache" / "intermediate").exists()

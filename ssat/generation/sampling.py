@@ -1,0 +1,100 @@
+"""Sampling a DDPM into a resumable uint8 memory map.
+
+Batch b draws all its noise from its own generator seeded from (seed, b), so which images come out depends
+only on (seed, batch size, sampler), not on how often the run was interrupted: a resumed run writes exactly the
+images an uninterrupted one would, with no duplicates and no gaps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from ssat.attacks import eval_mode
+from ssat.cache import write_json_atomic
+from ssat.errors import ConfigError
+
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+IMAGES = "images.npy"
+PROGRESS = "progress.json"
+
+
+def make_sampler(scheduler_config: dict, scheduler: str = "ddpm", num_inference_steps: int | None = None):
+    """Ancestral DDPM or deterministic DDIM (eta 0) on the training schedule; None steps = the training count."""
+    if scheduler not in SAMPLERS:
+        raise ConfigError(f"generation.sampler.scheduler={scheduler!r} is not one of {', '.join(SAMPLERS)}")
+    sampler = SAMPLERS[scheduler].from_config(scheduler_config)
+    train_steps = sampler.config.num_train_timesteps
+    steps = train_steps if num_inference_steps is None else num_inference_steps
+    if not 1 <= steps <= train_steps:
+        raise ConfigError(f"generation.sampler.num_inference_steps={num_inference_steps} is outside "
+                          f"[1, {train_steps}] (the training step count)")
+    sampler.set_timesteps(steps)
+    return sampler
+
+
+def batch_generator(seed: int, batch: int) -> torch.Generator:
+    """A CPU generator for batch ``batch`` alone (CPU so that a run gives the same noise on any device)."""
+    state = np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator("cpu").manual_seed(int(state))
+
+
+@torch.no_grad()
+def denoise(unet: UNet2DModel, sampler, n: int, generator: torch.Generator,
+            device: torch.device | str) -> np.ndarray:
+    """n images (n, C, H, W) uint8 from pure noise through every timestep of ``sampler``."""
+    channels, size = unet.config.in_channels, unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    dtype = next(unet.parameters()).dtype
+    x = randn_tensor((n, channels, height, width), generator=generator, device=torch.device(device), dtype=dtype)
+    for t in sampler.timesteps:
+        eps = unet(x, t).sample
+        x = sampler.step(eps, t, x, generator=generator).prev_sample
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def _open_pool(out_dir: Path, layout: dict[str, Any]):
+    """The images memory map and the rows already written by an earlier attempt with the same layout."""
+    progress_file = out_dir / PROGRESS
+    if progress_file.exists() and (out_dir / IMAGES).exists():
+        progress = json.loads(progress_file.read_text())
+        if {k: progress.get(k) for k in layout} == layout:
+            return np.load(out_dir / IMAGES, mmap_mode="r+"), progress["done"]
+    images = open_memmap(out_dir / IMAGES, mode="w+", dtype=np.uint8, shape=(layout["rows"], *layout["shape"]))
+    write_json_atomic(progress_file, {**layout, "done": 0})
+    return images, 0
+
+
+def generate_pool(unet: UNet2DModel, scheduler_config: dict, out_dir: Path, n: int, batch_size: int, seed: int,
+                  scheduler: str = "ddpm", num_inference_steps: int | None = None,
+                  device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Writes out_dir/images.npy (n, C, H, W) uint8 batch by batch, recording finished rows in progress.json."""
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"generation needs at least one image and batch_size >= 1, got n={n}, "
+                          f"batch_size={batch_size}")
+    sampler = make_sampler(dict(scheduler_config), scheduler, num_inference_steps)
+    size = unet.config.sample_size
+    shape = [unet.config.in_channels, *((size, size) if isinstance(size, int) else size)]
+    layout = {"rows": n, "shape": shape, "batch_size": batch_size, "seed": seed, "scheduler": scheduler,
+              "num_inference_steps": len(sampler.timesteps)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, done = _open_pool(out_dir, layout)
+    unet = unet.to(device)
+    with eval_mode(unet), tqdm(total=n, initial=done, desc=f"sample ({scheduler})", unit="img") as bar:
+        for start in range(done, n, batch_size):
+            stop = min(start + batch_size, n)
+            images[start:stop] = denoise(unet, sampler, stop - start, batch_generator(seed, start // batch_size),
+                                         device)
+            images.flush()
+            write_json_atomic(out_dir / PROGRESS, {**layout, "done": stop})
+            bar.update(stop - start)
+    return {"num_images": n, "resumed_at": int(done), "scheduler": scheduler, "steps": len(sampler.timesteps)}

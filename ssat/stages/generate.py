@@ -1,0 +1,146 @@
+"""Generation stages (PCG, LCG-KM, LCG-GMM): pretrain or load a DDPM, fine-tune it with guidance, sample a pool.
+
+    ddpm_pretrain (only without a pretrained DDPM) -> ddpm_finetune -> sample (+ plain samples)
+
+Each function writes into the ``out_dir`` it is given (the cache's work folder) and returns a small info dict.
+Training stages keep checkpoints/last.ckpt and resume from it, as the classifier stages do; sampling resumes
+from its progress.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ssat.attacks import eval_mode
+from ssat.data.splits import SemiSupervisedData
+from ssat.errors import ConfigError, DataError
+from ssat.generation.guidance import GuidanceLoss
+from ssat.generation.sampling import generate_pool
+from ssat.generation.unet import build_unet, check_lambda, load_ddpm, new_scheduler, save_ddpm
+from ssat.lightning.ddpm import DDPMModule, to_unit_range
+from ssat.stages.training import TrainerFactory
+
+UNET_DIR = "unet"
+PROBE_SIZE = 64
+
+
+def generated_pool_sizes(num_images: int | None, plain_fraction: float, budget: float | None = None,
+                         budget_of: int | None = None) -> tuple[int, int]:
+    """(guided, plain) image counts: num_images, or round(budget * budget_of) when budget_of is set."""
+    if budget_of is not None:
+        if budget is None or not 0 < budget <= 1 or budget_of < 1:
+            raise ConfigError(f"generation.budget_of={budget_of} needs a budget in (0, 1] and a positive size, "
+                              f"got budget={budget}")
+        num_images = round(budget * budget_of)
+    if num_images is None or num_images < 1:
+        raise ConfigError(f"generation.num_images={num_images} must be a positive number of images")
+    if not 0 <= plain_fraction <= 1:
+        raise ConfigError(f"generation.plain_fraction={plain_fraction} is outside [0, 1]")
+    plain = round(plain_fraction * num_images)
+    return num_images - plain, plain
+
+
+def _labeled_loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+    if len(images) == 0:
+        raise DataError("DDPM training needs labeled images, and the labeled set is empty")
+    dataset = TensorDataset(torch.from_numpy(np.ascontiguousarray(images)))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def _fit(module: DDPMModule, loader: DataLoader, out_dir: Path, make_trainer: TrainerFactory, stage: str,
+         epochs: int) -> L.Trainer:
+    """Train with checkpoints/last.ckpt, resuming from it when an earlier attempt left one."""
+    if epochs < 1:
+        raise ConfigError(f"generation.{stage.removeprefix('ddpm_')}.epochs={epochs} must be at least 1")
+    ckpt_dir = out_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
+    trainer = make_trainer(stage, out_dir, epochs, [checkpoint], len(loader))
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, loader, ckpt_path=last if last.exists() else None)
+    return trainer
+
+
+def ddpm_pretrain(data: SemiSupervisedData, out_dir: Path, make_trainer: TrainerFactory,
+                  unet_config: dict[str, Any] | None, epochs: int, batch_size: int, lr: float,
+                  seed: int) -> dict[str, Any]:
+    """A small UNet trained from scratch on the labeled images (plain DDPM loss), saved to out_dir/unet."""
+    L.seed_everything(seed, verbose=False)
+    _, channels, height, width = data.labeled_images.shape
+    if height != width:
+        raise DataError(f"the DDPM needs square images, the labeled images are {height}x{width}")
+    unet = build_unet(height, channels, unet_config)
+    module = DDPMModule(unet, new_scheduler(), lr=lr)
+    loader = _labeled_loader(data.labeled_images, batch_size, seed)
+    trainer = _fit(module, loader, Path(out_dir), make_trainer, "ddpm_pretrain", epochs)
+    save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
+    return {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
+            "parameters": sum(p.numel() for p in unet.parameters()), "num_images": len(data.labeled_images)}
+
+
+@torch.no_grad()
+def logits_bank(classifier: nn.Module, images: np.ndarray, bank_size: int, seed: int,
+                device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """Classifier logits (in eval mode) of a random subset of ``bank_size`` images (all if there are fewer)."""
+    if bank_size < 1:
+        raise ConfigError(f"generation.finetune.bank_size={bank_size} must be at least 1")
+    n = min(bank_size, len(images))
+    rows = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    classifier = classifier.to(device)
+    out = []
+    with eval_mode(classifier):
+        for start in range(0, n, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[rows[start:start + batch_size]])).to(device)
+            out.append(classifier(x.float().div_(255.0)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _probe(module: DDPMModule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+           device: torch.device | str) -> dict[str, float]:
+    """Both losses on one fixed noised batch: a cheap before/after measure of what fine-tuning changed."""
+    module = module.to(device)
+    with eval_mode(module.unet):
+        parts = module.losses(x0.to(device), t.to(device), eps.to(device))
+    return {k: float(v) for k, v in parts.items()}
+
+
+def ddpm_finetune(data: SemiSupervisedData, classifier: nn.Module, unet_dir_or_id: str, out_dir: Path,
+                  make_trainer: TrainerFactory, guidance: GuidanceLoss, lam: float, epochs: int, batch_size: int,
+                  lr: float, bank_size: int, seed: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Fits ``guidance`` on a logits bank of labeled images, fine-tunes the DDPM with L_ddpm + lam * L_reg on the
+    labeled images and saves it to out_dir/unet. ``classifier`` is frozen in place (eval, no parameter grads)."""
+    check_lambda(lam)
+    L.seed_everything(seed, verbose=False)
+    _, channels, height, _ = data.labeled_images.shape
+    unet, scheduler = load_ddpm(unet_dir_or_id, height, channels)
+    bank = logits_bank(classifier, data.labeled_images, bank_size, seed, device)
+    guidance.fit(bank, bank.argmax(1))
+    module = DDPMModule(unet, scheduler, classifier, guidance, lam, lr)
+    # The probe: the first labeled images at timesteps spread evenly over the schedule, with fixed noise.
+    probe_x0 = to_unit_range(torch.from_numpy(np.ascontiguousarray(data.labeled_images[:PROBE_SIZE])))
+    probe_t = torch.linspace(0, len(module.alphas_cumprod) - 1, len(probe_x0)).long()
+    probe_eps = torch.randn(probe_x0.shape, generator=torch.Generator().manual_seed(seed))
+    before = _probe(module, probe_x0, probe_t, probe_eps, device)
+    trainer = _fit(module, _labeled_loader(data.labeled_images, batch_size, seed), Path(out_dir), make_trainer,
+                   "ddpm_finetune", epochs)
+    after = _probe(module, probe_x0, probe_t, probe_eps, device)
+    save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
+    return {"guidance": guidance.name, "lam": float(lam), "bank_size": len(bank), "epochs": int(trainer.current_epoch),
+            "steps": int(trainer.global_step), **{f"probe_{k}_before": v for k, v in before.items()},
+            **{f"probe_{k}_after": v for k, v in after.items()}}
+
+
+def sample(unet_dir_or_id: str, out_dir: Path, n: int, batch_size: int, seed: int, scheduler: str = "ddpm",
+           num_inference_steps: int | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """n images from a saved (or hub) DDPM into out_dir/images.npy; resumes an interrupted run."""
+    unet, noise_scheduler = load_ddpm(unet_dir_or_id)
+    return generate_pool(unet, noise_scheduler.config, Path(out_dir), n, batch_size, seed, scheduler,
+                         num_inference_steps, device)

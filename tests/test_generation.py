@@ -20,7 +20,7 @@ from ssat.generation.sampling import generate_pool
 from ssat.generation.unet import build_unet, check_lambda, load_ddpm, new_scheduler, save_ddpm
 from ssat.lightning.ddpm import DDPMModule, to_unit_range
 from ssat.models import SmallCNN
-from ssat.stages.generate import ddpm_finetune, ddpm_pretrain, generated_pool_sizes, sample
+from ssat.stages.generate import ddpm_finetune, ddpm_pretrain, sample
 
 TINY_UNET = {"block_out_channels": [16, 32]}
 
@@ -222,6 +222,8 @@ def test_interrupted_sampling_resumes_without_duplicates_or_gaps(tmp_path):
     assert len(np.unique(np.load(whole / "images.npy").reshape(10, -1), axis=0)) == 10
 
 
+@pytest.mark.parametrize("selector, guidance_class", [
+    ("pcg", ConfidenceGuidance), ("lcg_km", CentroidGapGuidance), ("lcg_gmm", GMMGapGuidance)])
 def test_selector_configs_build_their_guidance(selector, guidance_class):
     with initialize_config_module(config_module="ssat.conf", version_base=None):
         cfg = compose(config_name="config", overrides=[f"selector={selector}"])

@@ -1,31 +1,392 @@
-"""Gaussian mixtures on pool features (scikit-learn back-end), scored in batches."""
+"""Gaussian mixtures on pool features: EM in torch over row batches (GPU when present), scikit-learn as reference.
+
+scikit-learn's full-covariance GaussianMixture on a million 640-d rows takes hours on a CPU and needs the pool
+as one float64 array. Here a pool (often a read-only memory map) is read in row batches: each EM iteration is
+one pass that computes the responsibilities and accumulates the sufficient statistics, so nothing larger than a
+batch is ever built. The E-step's big matmul, rows x D x (K D), runs in float32 on rows centred on the mixture's
+mean; the sufficient statistics (rows centred on each component's mean), Cholesky factors, log-determinants,
+log-likelihoods and responsibilities are float64. The semantics are scikit-learn's: hard k-means responsibilities to start,
+``reg_covar`` on the diagonal, stop when the mean log-likelihood changes by less than ``tol``.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from ssat.errors import ConfigError
+from ssat.clustering.kmeans import fit_kmeans
+from ssat.errors import ConfigError, DataError
+
+COVARIANCE_TYPES = ("full", "diag")
+BACKENDS = ("torch", "sklearn")
+# The k-means start: the lowest-inertia of 3 k-means++ runs of 25 Lloyd iterations (a single run, scikit-learn's
+# default, often seeds a centroid on a far outlier and EM then keeps a component on it), on at most 5,000 rows
+# per component drawn at random: plenty for a start that EM refines, and a cost independent of the pool size.
+KMEANS_NITER, KMEANS_NREDO, KMEANS_POINTS_PER_COMPONENT = 25, 3, 5000
+LOG_2PI = math.log(2 * math.pi)
+# Rows whose responsibility for a component is below this are left out of its mean and covariance sums: with
+# separated clusters most rows count for one component only, which makes the M-step about K times cheaper. What is
+# left out weighs at most N * 1e-12 points (1e-6 for a million rows), far below the E-step's float32 rounding.
+NEGLIGIBLE_RESPONSIBILITY = 1e-12
+# On a CPU, EM works on chunks of a batch whose (rows, K * D) float32 temporaries take about 4 MB (cache-sized).
+CHUNK_ELEMENTS = 2**20
+CHUNK_MIN_ROWS = 256
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The given device, else CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_finite(features: np.ndarray, batch_size: int = 65536) -> None:
+    """One NaN or infinity would turn every likelihood into NaN: stop at the first, naming its row."""
+    for start in range(0, len(features), batch_size):
+        finite = np.isfinite(features[start:start + batch_size]).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            raise DataError(f"features contain NaN or infinity at row {row} (of {len(features)}); "
+                            f"a Gaussian mixture cannot be fitted or scored on them")
+
+
+def check_gmm_options(n_components: int, covariance_type: str = "full", backend: str = "torch", max_iter: int = 100,
+                      tol: float = 1e-3, reg_covar: float = 1e-6, batch_size: int = 65536) -> None:
+    """Config errors found before any data is read, each naming its ``selector.`` key."""
+    if n_components < 1:
+        raise ConfigError(f"selector.n_components={n_components} must be at least 1")
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ConfigError(f"selector.covariance_type={covariance_type!r} is not one of {', '.join(COVARIANCE_TYPES)}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"selector.backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if max_iter < 1:
+        raise ConfigError(f"selector.max_iter={max_iter} must be at least 1")
+    if not tol >= 0:
+        raise ConfigError(f"selector.tol={tol} must be >= 0")
+    if not reg_covar >= 0:
+        raise ConfigError(f"selector.reg_covar={reg_covar} must be >= 0")
+    if batch_size < 1:
+        raise ConfigError(f"selector.batch_size={batch_size} must be at least 1")
+
+
+def _float32_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Rows as a float32 tensor: no copy for float32 rows on the CPU, read-only memory maps included."""
+    rows = np.asarray(rows)
+    if rows.dtype != np.float32:
+        rows = rows.astype(np.float32)
+    with warnings.catch_warnings():
+        # torch warns that it cannot protect a read-only array; the rows are only ever read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        tensor = torch.from_numpy(rows)
+    return tensor.to(device)
+
+
+class FeatureRows:
+    """The features as float32 row batches on a device.
+
+    With ``keep`` (EM passes over the rows up to max_iter times) a GPU holds them once uploaded when they take
+    less than half of its free memory; otherwise every pass uploads them batch by batch.
+    """
+
+    def __init__(self, features: np.ndarray, batch_size: int, device: torch.device, keep: bool = False):
+        self.features, self.batch_size, self.device = features, batch_size, device
+        self.n, self.dim = features.shape
+        self.on_device = None
+        if keep and device.type == "cuda" and 8 * self.n * self.dim < torch.cuda.mem_get_info(device)[0]:
+            self.on_device = torch.empty((self.n, self.dim), dtype=torch.float32, device=device)
+            for start, x in self._read():
+                self.on_device[start:start + len(x)] = x
+
+    def _read(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, self.n, self.batch_size):
+            yield start, _float32_tensor(self.features[start:start + self.batch_size], self.device)
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.on_device is None:
+            yield from self._read()
+        else:
+            for start in range(0, self.n, self.batch_size):
+                yield start, self.on_device[start:start + self.batch_size]
+
+    def chunks(self, columns: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Row chunks whose (rows, columns) float32 temporaries stay in a CPU's cache; whole batches on a GPU."""
+        rows = max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // columns) if self.device.type == "cpu" else self.batch_size
+        for start, batch in self:
+            for offset in range(0, len(batch), rows):
+                yield start + offset, batch[offset:offset + rows]
+
+
+@contextmanager
+def full_float32_matmuls():
+    """float32 matmuls at full precision: TF32 (if a caller enabled it) would cost the covariances 3 digits."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class _TorchMixture:
+    """Mixture parameters on the device, in the forms the E-step needs.
+
+    The rows are centred on the mixture's mean (so float32 keeps the digits that matter) and multiplied by the
+    Cholesky factors of all precisions at once, one (rows, K * D) matmul (full); diag takes the precisions one
+    component at a time. log_norms (float64) hold log weight + log det of the precision factor - D log(2 pi) / 2.
+    """
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor, covariance_type: str):
+        self.weights, self.means, self.covariances, self.covariance_type = weights, means, covariances, covariance_type
+        self.means32 = means.float()
+        n_components, dim = means.shape
+        centre = weights @ means
+        self.centre32 = centre.float()
+        if covariance_type == "full":
+            chol, info = torch.linalg.cholesky_ex(covariances)
+            _raise_if_not_positive_definite(info > 0)
+            eye = torch.eye(dim, dtype=chol.dtype, device=chol.device).expand_as(chol)
+            factors = torch.linalg.solve_triangular(chol, eye, upper=False).mT
+            log_det = -torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+            self.factors32 = factors.permute(1, 0, 2).reshape(dim, n_components * dim).float()
+            self.offsets32 = torch.einsum("kd,kde->ke", means - centre, factors).reshape(-1).float()
+        else:
+            _raise_if_not_positive_definite((covariances <= 0).any(-1))
+            self.precisions32 = (1.0 / covariances).float()
+            log_det = -0.5 * torch.log(covariances).sum(-1)
+        self.log_norms = torch.log(weights) + log_det - 0.5 * dim * LOG_2PI
+
+    @classmethod
+    def from_fit(cls, fit: GaussianMixtureFit, device: torch.device) -> _TorchMixture:
+        def as64(a):
+            return torch.as_tensor(a, dtype=torch.float64, device=device)
+
+        return cls(as64(fit.weights), as64(fit.means), as64(fit.covariances), fit.covariance_type)
+
+    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row log-likelihood (B,) and responsibilities (B, K), float64."""
+        n_components, dim = self.means32.shape
+        if self.covariance_type == "full":
+            whitened = torch.addmm(-self.offsets32, x - self.centre32, self.factors32)
+            squared = whitened.square_().view(len(x), n_components, dim).sum(-1)
+        else:
+            squared = torch.stack([(x - mean).square_() @ precisions
+                                   for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
+        weighted = self.log_norms - 0.5 * squared.double()
+        log_likelihood = torch.logsumexp(weighted, dim=1)
+        return log_likelihood, torch.exp(weighted - log_likelihood[:, None])
+
+    def to_fit(self, n_iter: int, converged: bool, mean_log_likelihood: float) -> GaussianMixtureFit:
+        return GaussianMixtureFit(self.weights.cpu().numpy(), self.means.cpu().numpy(), self.covariances.cpu().numpy(),
+                                  self.covariance_type, n_iter, converged, mean_log_likelihood)
+
+
+def _raise_if_not_positive_definite(failed: torch.Tensor) -> None:
+    if failed.any():
+        k = int(torch.nonzero(failed)[0, 0])
+        raise DataError(f"the covariance of GMM component {k} is not positive definite (collapsed, duplicated or "
+                        f"collinear points); raise selector.reg_covar, lower selector.n_components or reduce the "
+                        f"dimension with selector.pca_dim")
+
+
+class _SufficientStatistics:
+    """Sums over rows of r, r (x - c) and r (x - c)(x - c)^T (full) or r (x - c)^2 (diag) for each component.
+
+    c is the component's mean before the M-step, so the new covariance follows without cancellation as
+    S / n - d d^T with d = new mean - c (small). The products are float64: summed in float32, the rounding of
+    thousands of terms leaves the covariance of collinear features (rank below D) with negative eigenvalues far
+    larger than reg_covar. With the negligible responsibilities left out they cost a fraction of the E-step.
+    """
+
+    def __init__(self, centres32: torch.Tensor, covariance_type: str):
+        n_components, dim = centres32.shape
+        self.centres32, self.covariance_type = centres32, covariance_type
+        options = dict(dtype=torch.float64, device=centres32.device)
+        self.counts = torch.zeros(n_components, **options)
+        self.first = torch.zeros(n_components, dim, **options)
+        second_shape = (n_components, dim, dim) if covariance_type == "full" else (n_components, dim)
+        self.second = torch.zeros(second_shape, **options)
+
+    def add(self, x: torch.Tensor, resp: torch.Tensor) -> None:
+        self.counts += resp.sum(0)
+        root_resp = resp.sqrt()
+        for k in range(len(self.centres32)):
+            rows = torch.nonzero(resp[:, k] >= NEGLIGIBLE_RESPONSIBILITY).squeeze(1)
+            xk, root_rk = (x, root_resp[:, k]) if len(rows) == len(x) else (x[rows], root_resp[rows, k])
+            scaled = (xk - self.centres32[k]).double().mul_(root_rk[:, None])  # sqrt(r) (x - c)
+            self.first[k] += scaled.mT @ root_rk
+            if self.covariance_type == "full":
+                self.second[k] += scaled.mT @ scaled
+            else:
+                self.second[k] += scaled.square_().sum(0)
+
+    def m_step(self, reg_covar: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights, means and covariances as scikit-learn's M-step (which adds 10 eps to every count)."""
+        counts = self.counts + 10 * torch.finfo(torch.float64).eps
+        shift = self.first / counts[:, None]
+        means = self.centres32.double() + shift
+        if self.covariance_type == "full":
+            covariances = self.second / counts[:, None, None] - shift[:, :, None] * shift[:, None, :]
+            covariances = 0.5 * (covariances + covariances.mT)
+            covariances.diagonal(dim1=-2, dim2=-1).add_(reg_covar)
+        else:
+            covariances = self.second / counts[:, None] - shift.square() + reg_covar
+        return counts / counts.sum(), means, covariances
+
+
+@dataclass
+class GaussianMixtureFit:
+    """A fitted mixture; ``score`` gives per-point log-likelihoods and posteriors in row batches."""
+
+    weights: np.ndarray  # (K,)
+    means: np.ndarray  # (K, D)
+    covariances: np.ndarray  # (K, D, D) full or (K, D) diag
+    covariance_type: str
+    n_iter: int
+    converged: bool
+    mean_log_likelihood: float  # on the fitted rows, under the returned parameters
+    # the scikit-learn model of a backend='sklearn' fit, which then also scores (all float64, the reference)
+    sklearn_model: GaussianMixture | None = field(default=None, repr=False, compare=False)
+
+    def score(self, features: np.ndarray, batch_size: int = 65536,
+              device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Log-likelihood (N,) and posteriors (N, K), both float64, holding one batch of rows at a time."""
+        check_finite(features, batch_size)
+        n = len(features)
+        loglik = np.empty(n, dtype=np.float64)
+        posteriors = np.empty((n, len(self.weights)), dtype=np.float64)
+        if self.sklearn_model is not None:
+            for start in range(0, n, batch_size):
+                x = np.asarray(features[start:start + batch_size], dtype=np.float64)
+                loglik[start:start + len(x)] = self.sklearn_model.score_samples(x)
+                posteriors[start:start + len(x)] = self.sklearn_model.predict_proba(x)
+            return loglik, posteriors
+        device = resolve_device(device)
+        mixture = _TorchMixture.from_fit(self, device)
+        with torch.no_grad(), full_float32_matmuls():
+            rows = FeatureRows(features, batch_size, device)
+            for start, x in rows.chunks(mixture.means32.numel()):
+                batch_loglik, batch_posteriors = mixture.log_prob(x)
+                loglik[start:start + len(x)] = batch_loglik.cpu().numpy()
+                posteriors[start:start + len(x)] = batch_posteriors.cpu().numpy()
+        return loglik, posteriors
+
+
+def _nearest_centroid(rows: FeatureRows, centroids: np.ndarray) -> np.ndarray:
+    """Index of each row's nearest centroid: the hard responsibilities both back-ends start from."""
+    centroids32 = torch.as_tensor(np.asarray(centroids, dtype=np.float32), device=rows.device)
+    labels = np.empty(rows.n, dtype=np.int64)
+    for start, x in rows.chunks(centroids32.numel()):
+        squared = torch.stack([(x - c).square_().sum(1) for c in centroids32], dim=1)
+        labels[start:start + len(x)] = squared.argmin(1).cpu().numpy()
+    return labels
+
+
+def _fit_torch(rows: FeatureRows, labels: np.ndarray, centroids: np.ndarray, covariance_type: str, max_iter: int,
+               tol: float, reg_covar: float) -> GaussianMixtureFit:
+    device = rows.device
+    n_components = len(centroids)
+    stats = _SufficientStatistics(torch.as_tensor(centroids, dtype=torch.float32, device=device), covariance_type)
+    for start, x in rows.chunks(centroids.size):
+        nearest = torch.as_tensor(labels[start:start + len(x)], device=device)
+        stats.add(x, torch.nn.functional.one_hot(nearest, n_components).double())
+    mixture = _TorchMixture(*stats.m_step(reg_covar), covariance_type)
+
+    lower_bound, converged, n_iter = -math.inf, False, 0
+    while n_iter < max_iter and not converged:
+        n_iter += 1
+        stats = _SufficientStatistics(mixture.means32, covariance_type)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for _, x in rows.chunks(centroids.size):
+            loglik, resp = mixture.log_prob(x)
+            total += loglik.sum()
+            stats.add(x, resp)
+        previous, lower_bound = lower_bound, total.item() / rows.n
+        mixture = _TorchMixture(*stats.m_step(reg_covar), covariance_type)
+        converged = abs(lower_bound - previous) < tol
+
+    total = sum(mixture.log_prob(x)[0].sum().item() for _, x in rows.chunks(centroids.size))
+    return mixture.to_fit(n_iter, converged, total / rows.n)
+
+
+def _initial_parameters(x: np.ndarray, labels: np.ndarray, n_components: int, covariance_type: str,
+                        reg_covar: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights, means and precisions of the hard assignment, as scikit-learn's M-step computes them."""
+    dim = x.shape[1]
+    counts = np.bincount(labels, minlength=n_components) + 10 * np.finfo(np.float64).eps
+    means = np.zeros((n_components, dim))
+    precisions = np.empty((n_components, dim, dim) if covariance_type == "full" else (n_components, dim))
+    for k in range(n_components):
+        members = x[labels == k]
+        means[k] = members.sum(0) / counts[k]
+        diff = members - means[k]
+        if covariance_type == "full":
+            covariance = diff.T @ diff / counts[k] + reg_covar * np.eye(dim)
+            precision = np.linalg.inv(covariance)
+            precisions[k] = 0.5 * (precision + precision.T)
+        else:
+            precisions[k] = 1.0 / ((diff * diff).sum(0) / counts[k] + reg_covar)
+    return counts / counts.sum(), means, precisions
+
+
+def _fit_sklearn(features: np.ndarray, labels: np.ndarray, n_components: int, covariance_type: str, max_iter: int,
+                 tol: float, reg_covar: float, seed: int) -> GaussianMixtureFit:
+    x = np.asarray(features, dtype=np.float64)
+    weights, means, precisions = _initial_parameters(x, labels, n_components, covariance_type, reg_covar)
+    # every parameter is given, so init_params only decides what scikit-learn computes and discards:
+    # random_from_data is the cheapest (kmeans would run scikit-learn's k-means for nothing)
+    model = GaussianMixture(n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
+                            max_iter=max_iter, init_params="random_from_data", weights_init=weights,
+                            means_init=means, precisions_init=precisions, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported as converged=False
+        model.fit(x)
+    return GaussianMixtureFit(model.weights_, model.means_, model.covariances_, covariance_type, int(model.n_iter_),
+                              bool(model.converged_), float(model.score(x)), sklearn_model=model)
+
+
+def _kmeans_sample(features: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    """The rows k-means starts from: all, or KMEANS_POINTS_PER_COMPONENT per component drawn at random."""
+    size = KMEANS_POINTS_PER_COMPONENT * n_components
+    if len(features) <= size:
+        return features
+    return features[np.sort(np.random.default_rng(seed).choice(len(features), size, replace=False))]
 
 
 def fit_gmm(features: np.ndarray, n_components: int, covariance_type: str = "full", max_iter: int = 100,
-            reg_covar: float = 1e-6, seed: int = 0) -> GaussianMixture:
-    """EM from a k-means initialisation; reg_covar keeps dead feature dimensions from breaking the covariance."""
+            tol: float = 1e-3, reg_covar: float = 1e-6, seed: int = 0, backend: str = "torch",
+            device: str | torch.device | None = None, batch_size: int = 65536,
+            init_means: np.ndarray | None = None) -> GaussianMixtureFit:
+    """EM from hard responsibilities: each row to its nearest k-means centroid (or nearest of ``init_means``).
+
+    features: (N, D) float32 or float16, a memory map included (never copied by the torch back-end; the sklearn
+    back-end, the reference, converts it to one float64 array). EM stops when the mean log-likelihood changes by
+    less than ``tol`` or after ``max_iter`` iterations.
+    """
+    check_gmm_options(n_components, covariance_type, backend, max_iter, tol, reg_covar, batch_size)
+    if features.ndim != 2:
+        raise DataError(f"features must be a 2-D array (points x dimensions), not of shape {features.shape}")
     if n_components > len(features):
-        raise ConfigError(f"a GMM with {n_components} components needs at least that many points; "
-                          f"the pool has {len(features)}")
-    gmm = GaussianMixture(n_components=n_components, covariance_type=covariance_type, max_iter=max_iter,
-                          reg_covar=reg_covar, random_state=seed)
-    return gmm.fit(np.asarray(features, dtype=np.float64))
-
-
-def gmm_log_likelihood_and_posteriors(gmm: GaussianMixture, features: np.ndarray, batch_size: int = 65536):
-    """Per-point log-likelihood (N,) and posteriors (N, K) without holding more than one batch in float64."""
-    n = len(features)
-    loglik = np.empty(n, dtype=np.float64)
-    posteriors = np.empty((n, gmm.n_components), dtype=np.float64)
-    for start in range(0, n, batch_size):
-        x = np.asarray(features[start:start + batch_size], dtype=np.float64)
-        loglik[start:start + len(x)] = gmm.score_samples(x)
-        posteriors[start:start + len(x)] = gmm.predict_proba(x)
-    return loglik, posteriors
+        raise ConfigError(f"selector.n_components={n_components} is more than the {len(features)} points "
+                          f"the GMM is fitted on")
+    check_finite(features, batch_size)
+    if init_means is None:
+        init_means = fit_kmeans(_kmeans_sample(features, n_components, seed), n_components, niter=KMEANS_NITER,
+                                nredo=KMEANS_NREDO, seed=seed)
+    elif np.shape(init_means) != (n_components, features.shape[1]):
+        raise ValueError(f"init_means has shape {init_means.shape}, not ({n_components}, {features.shape[1]})")
+    device = resolve_device(device)
+    with torch.no_grad(), full_float32_matmuls():
+        rows = (FeatureRows(features, batch_size, device, keep=True) if backend == "torch"
+                else FeatureRows(features, batch_size, torch.device("cpu")))
+        labels = _nearest_centroid(rows, init_means)
+        if backend == "sklearn":
+            return _fit_sklearn(features, labels, n_components, covariance_type, max_iter, tol, reg_covar, seed)
+        return _fit_torch(rows, labels, np.asarray(init_means), covariance_type, max_iter, tol, reg_covar)

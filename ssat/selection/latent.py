@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ssat.clustering.gmm import fit_gmm, gmm_log_likelihood_and_posteriors
+from ssat.clustering.gmm import check_gmm_options, fit_gmm
 from ssat.clustering.kmeans import fit_kmeans, two_nearest_distances
+from ssat.clustering.pca import fit_pca
 from ssat.errors import ConfigError
 from ssat.selection.base import PoolEmbedding, Selector
+
+
+@dataclass
+class KMeansFit:
+    """The clustering behind the last k-means score, kept for reports and benchmarks."""
+
+    centroids: np.ndarray
+    inertia: float
 
 
 class KMeansMarginSelector(Selector):
@@ -23,6 +34,7 @@ class KMeansMarginSelector(Selector):
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray:
         centroids = fit_kmeans(pool.features, self.n_clusters, niter=self.niter, nredo=self.nredo, seed=seed)
         d1, d2, _ = two_nearest_distances(pool.features, centroids)
+        self.fitted_ = KMeansFit(centroids, float(np.square(d1, dtype=np.float64).sum()))
         return (d2 - d1).astype(np.float64)
 
 
@@ -34,22 +46,56 @@ class GMMSelector(Selector):
 
     loglik: lowest log-likelihood first (the release); loglik_high: highest first (the older code);
     posterior_gap: smallest gap between the two largest posteriors first (the analogue of the k-means margin).
+
+    A full-covariance mixture costs O(N K D^2) per EM iteration, so on a large pool the features are first
+    projected on their top ``pca_dim`` principal components and the mixture is fitted on at most
+    ``max_fit_points`` rows drawn at random; every row is then scored. pca_dim=None and max_fit_points=None fit
+    the raw features of every row, as the release does.
     """
 
     def __init__(self, name: str = "lcs_gmm", boundary_fraction: float = 0.4, n_components: int = 10,
                  covariance_type: str = "full", score: str = "loglik", max_iter: int = 100,
-                 reg_covar: float = 1e-6):
+                 reg_covar: float = 1e-6, tol: float = 1e-3, backend: str = "torch", pca_dim: int | None = 64,
+                 max_fit_points: int | None = 200_000, batch_size: int = 65536, device: str | None = None):
         super().__init__(name, boundary_fraction)
         if score not in GMM_SCORES:
             raise ConfigError(f"selector.score={score!r} is not one of {', '.join(GMM_SCORES)}")
         if n_components < 2 and score == "posterior_gap":
             raise ConfigError(f"selector.n_components={n_components} must be at least 2 for score=posterior_gap")
+        check_gmm_options(n_components, covariance_type, backend, max_iter, tol, reg_covar, batch_size)
+        if pca_dim is not None and pca_dim < 1:
+            raise ConfigError(f"selector.pca_dim={pca_dim} must be at least 1 (null: no PCA)")
+        if max_fit_points is not None and max_fit_points < n_components:
+            raise ConfigError(f"selector.max_fit_points={max_fit_points} must be at least "
+                              f"selector.n_components={n_components} (null: every row)")
         self.n_components, self.covariance_type, self.score_type = n_components, covariance_type, score
-        self.max_iter, self.reg_covar = max_iter, reg_covar
+        self.max_iter, self.reg_covar, self.tol, self.backend = max_iter, reg_covar, tol, backend
+        self.pca_dim, self.max_fit_points, self.batch_size, self.device = pca_dim, max_fit_points, batch_size, device
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """Every row on the top pca_dim principal components (kept in ``projection_``), or as it is."""
+        self.projection_ = None
+        if self.pca_dim is None or self.pca_dim >= features.shape[1]:
+            return features
+        self.projection_ = fit_pca(features, self.pca_dim, self.batch_size, self.device)
+        return self.projection_.transform(features, self.batch_size, self.device)
+
+    def fit_rows(self, n: int, seed: int) -> np.ndarray | slice:
+        """The rows the mixture is fitted on: all, or max_fit_points of them drawn at random (in file order)."""
+        if self.max_fit_points is None or n <= self.max_fit_points:
+            return slice(None)
+        return np.sort(np.random.default_rng(seed).choice(n, self.max_fit_points, replace=False))
+
+    def reduce(self, features: np.ndarray, seed: int = 0) -> np.ndarray:
+        """Exactly the (projected) rows ``score`` fits the mixture on with this seed."""
+        return self.project(features)[self.fit_rows(len(features), seed)]
 
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray:
-        gmm = fit_gmm(pool.features, self.n_components, self.covariance_type, self.max_iter, self.reg_covar, seed)
-        loglik, posteriors = gmm_log_likelihood_and_posteriors(gmm, pool.features)
+        features = self.project(pool.features)
+        self.fitted_ = fit_gmm(features[self.fit_rows(len(features), seed)], self.n_components, self.covariance_type,
+                               max_iter=self.max_iter, tol=self.tol, reg_covar=self.reg_covar, seed=seed,
+                               backend=self.backend, device=self.device, batch_size=self.batch_size)
+        loglik, posteriors = self.fitted_.score(features, self.batch_size, self.device)
         if self.score_type == "loglik":
             return loglik
         if self.score_type == "loglik_high":

@@ -142,7 +142,7 @@ def sklearn_rows(method: str, features_file: Path, n: int, iterations: int, budg
     return sub
 
 
-def bench_embed(n: int = 20_000, batch_size: int = 512) -> dict:
+def bench_embed(n: int = 5_000, batch_size: int = 512) -> dict:
     """Embed stage vs the bare forward pass of the same model on the same batches (CIFAR-sized images)."""
     import torch
 

@@ -5,8 +5,9 @@ as one float64 array. Here a pool (often a read-only memory map) is read in row 
 one pass that computes the responsibilities and accumulates the sufficient statistics, so nothing larger than a
 batch is ever built. The E-step's big matmul, rows x D x (K D), runs in float32 on rows centred on the mixture's
 mean; the sufficient statistics (rows centred on each component's mean), Cholesky factors, log-determinants,
-log-likelihoods and responsibilities are float64. The semantics are scikit-learn's: hard k-means responsibilities to start,
-``reg_covar`` on the diagonal, stop when the mean log-likelihood changes by less than ``tol``.
+log-likelihoods and responsibilities are float64. The semantics are scikit-learn's: hard k-means
+responsibilities to start, ``reg_covar`` on the diagonal, stop when the mean log-likelihood changes by less than
+``tol``.
 """
 
 from __future__ import annotations
@@ -381,7 +382,7 @@ def fit_gmm(features: np.ndarray, n_components: int, covariance_type: str = "ful
         init_means = fit_kmeans(_kmeans_sample(features, n_components, seed), n_components, niter=KMEANS_NITER,
                                 nredo=KMEANS_NREDO, seed=seed)
     elif np.shape(init_means) != (n_components, features.shape[1]):
-        raise ValueError(f"init_means has shape {init_means.shape}, not ({n_components}, {features.shape[1]})")
+        raise ValueError(f"init_means has shape {np.shape(init_means)}, not ({n_components}, {features.shape[1]})")
     device = resolve_device(device)
     with torch.no_grad(), full_float32_matmuls():
         rows = (FeatureRows(features, batch_size, device, keep=True) if backend == "torch"

@@ -37,7 +37,8 @@ LOG_2PI = math.log(2 * math.pi)
 # separated clusters most rows count for one component only, which makes the M-step about K times cheaper. What is
 # left out weighs at most N * 1e-12 points (1e-6 for a million rows), far below the E-step's float32 rounding.
 NEGLIGIBLE_RESPONSIBILITY = 1e-12
-# On a CPU, EM works on chunks of a batch whose (rows, K * D) float32 temporaries take about 4 MB (cache-sized).
+# On a CPU, the E-step works on chunks of a batch whose (rows, K * D) float32 temporaries take about 4 MB: cache
+# sized, yet few enough torch calls that OpenMP barriers stay cheap when other processes share the cores.
 CHUNK_ELEMENTS = 2**20
 CHUNK_MIN_ROWS = 256
 
@@ -117,13 +118,6 @@ class FeatureRows:
             for start in range(0, self.n, self.batch_size):
                 yield start, self.on_device[start:start + self.batch_size]
 
-    def chunks(self, columns: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Row chunks whose (rows, columns) float32 temporaries stay in a CPU's cache; whole batches on a GPU."""
-        rows = max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // columns) if self.device.type == "cpu" else self.batch_size
-        for start, batch in self:
-            for offset in range(0, len(batch), rows):
-                yield start + offset, batch[offset:offset + rows]
-
 
 @contextmanager
 def full_float32_matmuls():
@@ -172,7 +166,14 @@ class _TorchMixture:
         return cls(as64(fit.weights), as64(fit.means), as64(fit.covariances), fit.covariance_type)
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row log-likelihood (B,) and responsibilities (B, K), float64."""
+        """Per-row log-likelihood (B,) and responsibilities (B, K), float64; on a CPU in cache-sized chunks."""
+        if x.device.type != "cpu":
+            return self._log_prob(x)
+        chunk_rows = max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // self.means32.numel())
+        parts = [self._log_prob(chunk) for chunk in x.split(chunk_rows)]
+        return torch.cat([loglik for loglik, _ in parts]), torch.cat([resp for _, resp in parts])
+
+    def _log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_components, dim = self.means32.shape
         if self.covariance_type == "full":
             whitened = torch.addmm(-self.offsets32, x - self.centre32, self.factors32)
@@ -272,8 +273,7 @@ class GaussianMixtureFit:
         device = resolve_device(device)
         mixture = _TorchMixture.from_fit(self, device)
         with torch.no_grad(), full_float32_matmuls():
-            rows = FeatureRows(features, batch_size, device)
-            for start, x in rows.chunks(mixture.means32.numel()):
+            for start, x in FeatureRows(features, batch_size, device):
                 batch_loglik, batch_posteriors = mixture.log_prob(x)
                 loglik[start:start + len(x)] = batch_loglik.cpu().numpy()
                 posteriors[start:start + len(x)] = batch_posteriors.cpu().numpy()
@@ -284,7 +284,7 @@ def _nearest_centroid(rows: FeatureRows, centroids: np.ndarray) -> np.ndarray:
     """Index of each row's nearest centroid: the hard responsibilities both back-ends start from."""
     centroids32 = torch.as_tensor(np.asarray(centroids, dtype=np.float32), device=rows.device)
     labels = np.empty(rows.n, dtype=np.int64)
-    for start, x in rows.chunks(centroids32.numel()):
+    for start, x in rows:
         squared = torch.stack([(x - c).square_().sum(1) for c in centroids32], dim=1)
         labels[start:start + len(x)] = squared.argmin(1).cpu().numpy()
     return labels
@@ -295,7 +295,7 @@ def _fit_torch(rows: FeatureRows, labels: np.ndarray, centroids: np.ndarray, cov
     device = rows.device
     n_components = len(centroids)
     stats = _SufficientStatistics(torch.as_tensor(centroids, dtype=torch.float32, device=device), covariance_type)
-    for start, x in rows.chunks(centroids.size):
+    for start, x in rows:
         nearest = torch.as_tensor(labels[start:start + len(x)], device=device)
         stats.add(x, torch.nn.functional.one_hot(nearest, n_components).double())
     mixture = _TorchMixture(*stats.m_step(reg_covar), covariance_type)
@@ -305,7 +305,7 @@ def _fit_torch(rows: FeatureRows, labels: np.ndarray, centroids: np.ndarray, cov
         n_iter += 1
         stats = _SufficientStatistics(mixture.means32, covariance_type)
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for _, x in rows.chunks(centroids.size):
+        for _, x in rows:
             loglik, resp = mixture.log_prob(x)
             total += loglik.sum()
             stats.add(x, resp)
@@ -313,7 +313,7 @@ def _fit_torch(rows: FeatureRows, labels: np.ndarray, centroids: np.ndarray, cov
         mixture = _TorchMixture(*stats.m_step(reg_covar), covariance_type)
         converged = abs(lower_bound - previous) < tol
 
-    total = sum(mixture.log_prob(x)[0].sum().item() for _, x in rows.chunks(centroids.size))
+    total = sum(mixture.log_prob(x)[0].sum().item() for _, x in rows)
     return mixture.to_fit(n_iter, converged, total / rows.n)
 
 

@@ -1,4 +1,6 @@
-"""Errors that end a run with one clear line instead of a traceback."""
+"""Errors that end a run with one clear line instead of a traceback, and the data checks that raise them."""
+
+import numpy as np
 
 
 class SsatError(Exception):
@@ -11,3 +13,17 @@ class ConfigError(SsatError):
 
 class DataError(SsatError):
     """A data set or pool that is missing, empty or malformed."""
+
+
+def check_finite(array: np.ndarray, what: str = "features", batch_size: int = 65536) -> None:
+    """One NaN or infinity turns every distance and likelihood into NaN: stop at the first, naming its row.
+
+    Reads a memory-mapped array one batch of rows at a time.
+    """
+    for start in range(0, len(array), batch_size):
+        finite = np.isfinite(array[start:start + batch_size]).reshape(min(batch_size, len(array) - start), -1)
+        rows_ok = finite.all(axis=1)
+        if not rows_ok.all():
+            row = start + int(np.argmin(rows_ok))
+            raise DataError(f"{what} contain NaN or infinity at row {row} (of {len(array)}); the model that computed "
+                            f"them diverged or the pool holds broken images")

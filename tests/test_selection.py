@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ssat.clustering.kmeans import fit_kmeans, two_nearest_distances
-from ssat.errors import ConfigError
+from ssat.errors import ConfigError, DataError
 from ssat.selection import (
     FullSelector,
     GMMSelector,
@@ -342,3 +342,14 @@ def test_gmm_posterior_gap_needs_two_components():
     """posterior_gap with a single component is a config error, found before any fitting."""
     with pytest.raises(ConfigError, match="n_components"):
         GMMSelector(boundary_fraction=1.0, n_components=1, score="posterior_gap")
+
+
+@pytest.mark.parametrize("part", ["features", "logits"])
+def test_select_stage_refuses_non_finite_embeddings_and_writes_nothing(tmp_path, part):
+    rng = np.random.default_rng(0)
+    arrays = {"features": rng.normal(size=(300, 8)).astype(np.float32),
+              "logits": rng.normal(size=(300, 3)).astype(np.float32)}
+    arrays[part][217, 1] = np.nan
+    with pytest.raises(DataError, match=f"pool's {part} contain NaN or infinity at row 217"):
+        select_pool(RandomSelector(), PoolEmbedding(**arrays), 0.2, seed=0, out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

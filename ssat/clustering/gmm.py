@@ -24,7 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from ssat.clustering.kmeans import fit_kmeans
-from ssat.errors import ConfigError, DataError
+from ssat.errors import ConfigError, DataError, check_finite
 
 COVARIANCE_TYPES = ("full", "diag")
 BACKENDS = ("torch", "sklearn")
@@ -48,16 +48,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def check_finite(features: np.ndarray, batch_size: int = 65536) -> None:
-    """One NaN or infinity would turn every likelihood into NaN: stop at the first, naming its row."""
-    for start in range(0, len(features), batch_size):
-        finite = np.isfinite(features[start:start + batch_size]).all(axis=1)
-        if not finite.all():
-            row = start + int(np.argmin(finite))
-            raise DataError(f"features contain NaN or infinity at row {row} (of {len(features)}); "
-                            f"a Gaussian mixture cannot be fitted or scored on them")
 
 
 def check_gmm_options(n_components: int, covariance_type: str = "full", backend: str = "torch", max_iter: int = 100,

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssat.clustering.gmm import FeatureRows, check_finite, full_float32_matmuls, resolve_device
-from ssat.errors import ConfigError, DataError
+from ssat.clustering.gmm import FeatureRows, full_float32_matmuls, resolve_device
+from ssat.errors import ConfigError, DataError, check_finite
 
 
 @dataclass

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssat.attacks import CrossEntropyLoss, PGDATLoss
 from ssat.config import build
 from ssat.cache import StageCache, StageResult, write_json_atomic
-from ssat.data.splits import SemiSupervisedData
+from ssat.data.splits import SemiSupervisedData, take_test_subset
 from ssat.errors import ConfigError, DataError
 from ssat.data.pools import MemmapImages
 from ssat.generation.sampling import IMAGES
@@ -79,7 +79,7 @@ def load_data(cfg: DictConfig) -> SemiSupervisedData:
     elif cfg.dataset.num_classes != len(dataset.classes):
         raise DataError(f"dataset.num_classes={cfg.dataset.num_classes} but the data set has "
                         f"{len(dataset.classes)} classes")
-    return build(cfg.pool, dataset=dataset, val_size=cfg.val_size)
+    return take_test_subset(build(cfg.pool, dataset=dataset, val_size=cfg.val_size), cfg.test_size)
 
 
 def device_of(cfg: DictConfig) -> torch.device:
@@ -205,7 +205,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     evaluated = run_stage(
         "evaluate", f"clean and PGD-{cfg.eval.pgd.steps} on {sizes['test']} test images",
-        {"ssat": trained.key, "pgd": cfg.eval.pgd, "seed": cfg.seed}, compute_evaluate)
+        {"ssat": trained.key, "pgd": cfg.eval.pgd, "test_size": cfg.test_size, "seed": cfg.seed}, compute_evaluate)
 
     summary = {
         "dataset": cfg.dataset.name,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from ssat.data.splits import split_pool, stratified_take
+from ssat.data.splits import split_pool, stratified_take, take_test_subset
 from ssat.errors import ConfigError
 
 N_TRAIN = 1500
@@ -124,3 +124,19 @@ def test_stratified_take_on_an_imbalanced_subset():
         if n > 1:
             _assert_stratified(labels[chosen], labels[candidates], n)
     np.testing.assert_array_equal(stratified_take(labels, candidates, 600, np.random.default_rng(1)), candidates)
+
+
+def test_test_subset_is_fixed_stratified_and_aligned(dataset):
+    data = split_pool(dataset, val_size=100, num_labeled=200, num_unlabeled=None, split_seed=0)
+    sub = take_test_subset(data, 100)
+    again = take_test_subset(split_pool(dataset, val_size=100, num_labeled=200, num_unlabeled=None, split_seed=5), 100)
+    np.testing.assert_array_equal(sub.test_images, again.test_images)  # independent of the run's seeds
+    # each kept image keeps its own label: find it in the full test set
+    for image, label in zip(sub.test_images[:20], sub.test_labels[:20]):
+        matches = np.flatnonzero((data.test_images == image).all(axis=(1, 2, 3)))
+        assert label in data.test_labels[matches]
+    full_share = np.bincount(data.test_labels, minlength=10) / len(data.test_labels)
+    np.testing.assert_allclose(np.bincount(sub.test_labels, minlength=10) / 100, full_share, atol=0.011)
+    assert take_test_subset(data, None) is data
+    with pytest.raises(ConfigError, match=r"test_size=0 must be between 1 and the test set's 297 images"):
+        take_test_subset(data, 0)

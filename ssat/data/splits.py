@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -99,3 +99,14 @@ def assemble(dataset, val: np.ndarray, labeled: np.ndarray, pool_images,
         test_labels=dataset.test_labels,
         classes=list(dataset.classes),
     )
+
+
+def take_test_subset(data: SemiSupervisedData, test_size: int | None, seed: int = 0) -> SemiSupervisedData:
+    """A fixed, stratified part of the test set (the same for every run seed), for evaluations a CPU can afford."""
+    n_test = len(data.test_labels)
+    if test_size is None or test_size == n_test:
+        return data
+    if not 1 <= test_size <= n_test:
+        raise ConfigError(f"test_size={test_size} must be between 1 and the test set's {n_test} images (null: all)")
+    keep = stratified_take(data.test_labels, np.arange(n_test), test_size, np.random.default_rng(seed))
+    return replace(data, test_images=data.test_images[keep], test_labels=data.test_labels[keep])

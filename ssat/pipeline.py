@@ -242,8 +242,18 @@ def generation_stages(cfg: DictConfig) -> tuple[str, ...]:
             *(("sample_plain",) if gen.plain_fraction > 0 else ()))
 
 
+# What an unconditional DDPM trained from scratch may learn from: labels are not needed, so the pool may join.
+PRETRAIN_IMAGES = {
+    "labeled": lambda data: data.labeled_images,
+    "labeled_and_pool": lambda data: np.concatenate([data.labeled_images, np.asarray(data.pool_images)]),
+}
+
+
 def check_generation(cfg: DictConfig, data: SemiSupervisedData) -> None:
     gen = cfg.generation
+    if gen.pretrained is None and gen.pretrain.images not in PRETRAIN_IMAGES:
+        raise ConfigError(f"generation.pretrain.images={gen.pretrain.images!r} is not one of "
+                          f"{', '.join(PRETRAIN_IMAGES)}")
     check_lambda(gen.lam)
     generated_pool_sizes(gen.num_images, gen.plain_fraction, cfg.budget, gen.budget_of)
     _, channels, size, _ = data.labeled_images.shape
@@ -258,12 +268,13 @@ def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: Semi
     gen = cfg.generation
     n_guided, n_plain = generated_pool_sizes(gen.num_images, gen.plain_fraction, cfg.budget, gen.budget_of)
     if gen.pretrained is None:
+        images = PRETRAIN_IMAGES[gen.pretrain.images](data)
         pretrained = run_stage(
-            "ddpm_pretrain", f"a small UNet from scratch on {len(data.labeled_labels)} labeled images, "
+            "ddpm_pretrain", f"a small UNet from scratch on {len(images)} {gen.pretrain.images} images, "
             f"{gen.pretrain.epochs} epochs",
-            {**data_inputs, "unet": gen.unet, "pretrain": gen.pretrain, "seed": cfg.seed},
-            lambda out: ddpm_pretrain(data, out, make_trainer, OmegaConf.to_container(gen.unet), gen.pretrain.epochs,
-                                      gen.pretrain.batch_size, gen.pretrain.lr, cfg.seed))
+            {**data_inputs, "unet": gen.unet, "pretrain": gen.pretrain},
+            lambda out: ddpm_pretrain(images, out, make_trainer, OmegaConf.to_container(gen.unet), gen.pretrain.epochs,
+                                      gen.pretrain.batch_size, gen.pretrain.lr, gen.pretrain.seed))
         source, source_key = str(pretrained.path / UNET_DIR), pretrained.key
     else:
         source = source_key = gen.pretrained

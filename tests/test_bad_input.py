@@ -35,6 +35,7 @@ def assert_one_line_error(run, *fragments: str) -> None:
     (["dataset=image_folder"], ["dataset.root must be set", "dataset.root=<value>"]),
     (["selector=lcg_km", "generation.lam=-1"], ["generation.lam=-1"]),
     (["selector=lcg_gmm", "generation.num_images=0"], ["generation.num_images=0"]),
+    (["selector=pcg", "generation.pretrain.images=train"], ["generation.pretrain.images='train' is not one of"]),
 ])
 def test_bad_config_value(overrides, fragments, tmp_path):
     run = run_ssat(*overrides, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)

@@ -83,8 +83,8 @@ def bank(classifier, data) -> torch.Tensor:
 def pretrained(tmp_path_factory, data) -> str:
     """A tiny UNet trained for 6 short epochs on digits through ddpm_pretrain, in two calls as after a crash."""
     out = tmp_path_factory.mktemp("pretrain")
-    stopped = ddpm_pretrain(data, out, make_trainer, TINY_UNET, epochs=3, batch_size=64, lr=2e-3, seed=0)
-    info = ddpm_pretrain(data, out, make_trainer, TINY_UNET, epochs=6, batch_size=64, lr=2e-3, seed=0)
+    stopped = ddpm_pretrain(data.labeled_images, out, make_trainer, TINY_UNET, epochs=3, batch_size=64, lr=2e-3, seed=0)
+    info = ddpm_pretrain(data.labeled_images, out, make_trainer, TINY_UNET, epochs=6, batch_size=64, lr=2e-3, seed=0)
     assert (stopped["steps"], info["steps"]) == (3 * 29, 6 * 29), "the second call resumes from last.ckpt"
     return str(out / "unet")
 

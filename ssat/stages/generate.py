@@ -68,21 +68,21 @@ def _fit(module: DDPMModule, loader: DataLoader, out_dir: Path, make_trainer: Tr
     return trainer
 
 
-def ddpm_pretrain(data: SemiSupervisedData, out_dir: Path, make_trainer: TrainerFactory,
+def ddpm_pretrain(images: np.ndarray, out_dir: Path, make_trainer: TrainerFactory,
                   unet_config: dict[str, Any] | None, epochs: int, batch_size: int, lr: float,
                   seed: int) -> dict[str, Any]:
-    """A small UNet trained from scratch on the labeled images (plain DDPM loss), saved to out_dir/unet."""
+    """A small UNet trained from scratch on uint8 (N, C, H, W) images (plain DDPM loss), saved to out_dir/unet."""
     L.seed_everything(seed, verbose=False)
-    _, channels, height, width = data.labeled_images.shape
+    _, channels, height, width = images.shape
     if height != width:
         raise DataError(f"the DDPM needs square images, the labeled images are {height}x{width}")
     unet = build_unet(height, channels, unet_config)
     module = DDPMModule(unet, new_scheduler(), lr=lr)
-    loader = _labeled_loader(data.labeled_images, batch_size, seed)
+    loader = _labeled_loader(images, batch_size, seed)
     trainer = _fit(module, loader, Path(out_dir), make_trainer, "ddpm_pretrain", epochs)
     save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
     return {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
-            "parameters": sum(p.numel() for p in unet.parameters()), "num_images": len(data.labeled_images)}
+            "parameters": sum(p.numel() for p in unet.parameters()), "num_images": len(images)}
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ so a sweep over selector and budget trains the intermediate model and embeds the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -219,6 +220,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "n_pool": sizes["pool"],
         "n_generated": sizes["pool"] if generative else 0,
         "n_selected": selected.info["selected"],
+        # equal hashes across reruns show that the same command selects the same pool images
+        "selection_sha256": hashlib.sha256(np.ascontiguousarray(selection, dtype=np.int64).tobytes()).hexdigest(),
         "clean_acc": evaluated.info["clean_acc"],
         "robust_acc": evaluated.info["robust_acc"],
         "pseudo_label_acc": labelled.info.get("pseudo_label_acc"),

@@ -2,8 +2,8 @@
 
 ``logger=wandb`` adds the Hydra callback ``WandbRun`` (it knows the job: config, overrides, sweep, run dir) and
 makes ``WandbStageLogger`` each training stage's Lightning logger. The run opens when a stage first logs or when
-the job ends, so a config error costs no W&B run, and ``on_job_end`` always finishes it (failed jobs with exit
-code 1), so the next job of a multirun starts a new one.
+the job ends, so a config error (a one-line exit before any job ends) costs no W&B run, and ``on_job_end``
+always finishes it (a failed job with exit code 1), so the next job of a multirun starts a new one.
 """
 
 from __future__ import annotations
@@ -116,13 +116,12 @@ class WandbRun(Callback):
         if _job is None:
             return
         try:
+            run = current_run()  # a failed job gets its run too: the dashboard shows it failed
             run_dir = Path(_job["dir"])
-            results_file = run_dir / "results.json"
-            if job_return.status == JobStatus.COMPLETED and results_file.exists():
+            if job_return.status == JobStatus.COMPLETED:
                 import wandb
 
-                run = current_run()
-                results = json.loads(results_file.read_text())
+                results = json.loads((run_dir / "results.json").read_text())
                 run.summary.update(stage_summaries(results, Path(config.cache_dir)))
                 artifact = wandb.Artifact(f"results-{run.id}", type="results",
                                           metadata={k: results[k] for k in ("selector", "budget", "seed")})

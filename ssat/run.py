@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ssat.config import check_group_choices
+from ssat.config import check_extras, check_group_choices
 from ssat.errors import SsatError
 from ssat.pipeline import format_summary, run_pipeline
 
@@ -43,6 +43,7 @@ def main(cfg: DictConfig) -> float:
 def cli() -> None:
     try:
         check_group_choices(sys.argv[1:])
+        check_extras(sys.argv[1:])
     except SsatError as err:
         fail(str(err))
     main()

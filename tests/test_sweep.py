@@ -125,3 +125,4 @@ def test_report_projection_of_a_named_run(root, concurrent, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ssat.report", str(root / "outputs"), "--out", str(tmp_path / "b"),
                           "--projection", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("ssat.report: error: --projection")
+

@@ -138,7 +138,7 @@ class WandbStageLogger(Logger):
     """A training stage's Lightning logger: its metrics as ``<stage>/<metric>`` against ``<stage>/step``, its
     hyperparameters under ``<stage>`` in the job's W&B config."""
 
-    def __init__(self, name: str, save_dir: str | None = None):
+    def __init__(self, name: str, save_dir: str | None = None):  # save_dir as every logger gets: W&B writes elsewhere
         super().__init__()
         self._stage = name
         self._defined = False
@@ -148,8 +148,8 @@ class WandbStageLogger(Logger):
         return self._stage
 
     @property
-    def version(self) -> str:
-        return current_run().id
+    def version(self) -> str | None:
+        return _run.id if _run is not None else None
 
     @property
     @rank_zero_experiment

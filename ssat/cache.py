@@ -3,14 +3,22 @@
 A stage works in ``<root>/<stage>/<key>.partial/`` (kept across crashes so training can resume from its
 checkpoints) and is committed by renaming that folder to ``<root>/<stage>/<key>/`` once its record is written:
 a folder without the ``.partial`` suffix is always complete.
+
+The jobs of a sweep share one cache: a stage is computed under an exclusive ``flock`` on ``<key>.lock``, so a
+second job that needs it at the same time waits and then reuses the first one's result. The kernel drops the lock
+when its holder dies (a killed or preempted job), so a stale lock never blocks; the next job resumes the
+``.partial`` folder. flock works on local disks and on NFSv4 and Lustre mounts with locking enabled.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +29,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # Bump when a stage's computation changes so that old artifacts are not reused.
 CACHE_VERSION = 1
 RECORD = "record.json"
+
+log = logging.getLogger("ssat")
 
 
 def _plain(value: Any) -> Any:
@@ -54,6 +64,21 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def exclusive(lock_file: Path, what: str):
+    """Holds an exclusive flock on lock_file; says so once when another process holds it and this one waits."""
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("    waiting for another job that is computing %s (%s)", what, lock_file)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dataclass
 class StageResult:
     """What a stage left on disk and how long it took when it was computed."""
@@ -78,12 +103,27 @@ class StageCache:
     def run(self, name: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]]) -> StageResult:
         key = stage_key(name, inputs)
         final = self.path(name, key)
+        committed = self._committed(name, key)
+        if committed is not None:
+            return committed
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(final.with_name(key + ".lock"), f"stage {name}"):
+            # Another job may have committed it while this one waited for the lock.
+            return self._committed(name, key) or self._compute(name, key, inputs, compute)
+
+    def _committed(self, name: str, key: str) -> StageResult | None:
+        final = self.path(name, key)
         record_file = final / RECORD
-        if record_file.exists():
-            record = json.loads(record_file.read_text())
-            return StageResult(name, key, final, record["seconds"], True, record["info"])
+        if not record_file.exists():
+            return None
+        record = json.loads(record_file.read_text())
+        return StageResult(name, key, final, record["seconds"], True, record["info"])
+
+    def _compute(self, name: str, key: str, inputs: dict[str, Any],
+                 compute: Callable[[Path], dict[str, Any]]) -> StageResult:
+        final = self.path(name, key)
         work = final.with_name(key + ".partial")
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(exist_ok=True)
         write_json_atomic(work / "inputs.json", {k: _plain(v) for k, v in inputs.items()})
         start = time.perf_counter()
         info = compute(work)

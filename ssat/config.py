@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import resources
+from importlib import resources, util
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -33,6 +33,23 @@ def check_group_choices(overrides: list[str]) -> None:
         for choice in value.split(","):
             if choice not in options:
                 raise ConfigError(f"unknown {key} '{choice}'; choose one of: {', '.join(options)}")
+
+
+# Options that need an optional dependency: (group, option) -> (the extra that installs it, a module it provides).
+EXTRAS = {
+    ("logger", "wandb"): ("wandb", "wandb"),
+    ("hydra/launcher", "slurm"): ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+}
+
+
+def check_extras(overrides: list[str]) -> None:
+    """``logger=wandb`` without wandb installed fails in one line naming the extra, before Hydra starts."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        for choice in value.split(","):
+            need = EXTRAS.get((key.lstrip("+~"), choice))
+            if need is not None and util.find_spec(need[1]) is None:
+                raise ConfigError(f"{key}={choice} needs the extra '{need[0]}': pip install -e '.[{need[0]}]'")
 
 
 def build(node, **kwargs):

@@ -232,6 +232,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "total_seconds": sum(r.seconds for r in results.values()),
         "cached": {name: r.cached for name, r in results.items()},
         "stage_keys": {name: r.key for name, r in results.items()},
+        "stage_dirs": {name: str(r.path) for name, r in results.items()},  # where the report finds the features
         "wall_seconds": time.perf_counter() - started,
     }
     write_run_dir(run_dir, results, summary)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ssat.config import check_group_choices
+from ssat.config import check_extras, check_group_choices
 from ssat.errors import SsatError
 from ssat.pipeline import format_summary, run_pipeline
 
 log = logging.getLogger("ssat")
+
+# Part of the default run directory's name: two runs started in the same microsecond still get their own.
+OmegaConf.register_new_resolver("ssat.pid", os.getpid, replace=True)
 
 
 def fail(message: str) -> None:
@@ -39,6 +43,7 @@ def main(cfg: DictConfig) -> float:
 def cli() -> None:
     try:
         check_group_choices(sys.argv[1:])
+        check_extras(sys.argv[1:])
     except SsatError as err:
         fail(str(err))
     main()

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -89,7 +96,7 @@ def test_failed_compute_leaves_only_a_partial_folder_and_resumes(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         cache.run("ssat", INPUTS, crash)
     stage_dir = tmp_path / "ssat"
-    assert sorted(p.name for p in stage_dir.iterdir()) == [f"{key}.partial"]
+    assert sorted(p.name for p in stage_dir.iterdir()) == [f"{key}.lock", f"{key}.partial"]
     assert not (stage_dir / key).exists()
     assert not (stage_dir / f"{key}.partial" / RECORD).exists()
 
@@ -103,7 +110,7 @@ def test_failed_compute_leaves_only_a_partial_folder_and_resumes(tmp_path):
     assert not result.cached
     assert seen["checkpoint"] == "epoch 3"
     assert result.info == {"resumed_from": "epoch 3"}
-    assert sorted(p.name for p in stage_dir.iterdir()) == [key]
+    assert sorted(p.name for p in stage_dir.iterdir()) == [key, f"{key}.lock"]
     assert (stage_dir / key / "checkpoint.pt").read_text() == "epoch 3"
     assert cache.run("ssat", INPUTS, crash).cached  # complete now: the crashing compute is not called
 
@@ -114,3 +121,73 @@ def test_write_json_atomic_leaves_no_temp_file(tmp_path):
     write_json_atomic(target, {"b": [3], "a": 2.5})  # overwrite in place
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
     assert json.loads(target.read_text()) == {"b": [3], "a": 2.5}
+
+
+# A second process that runs one stage whose compute announces itself, then waits for the test's go-ahead.
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from ssat.cache import StageCache
+    root, started, release = map(Path, sys.argv[1:4])
+
+    def compute(out):
+        (out / "partial.txt").write_text("from the first job")
+        started.touch()
+        while not release.exists():
+            time.sleep(0.05)
+        return {"computed_by": "holder"}
+
+    StageCache(root).run("embed", {"seed": 0}, compute)
+""")
+
+
+def start_holder(tmp_path):
+    """A real second process inside the stage's compute (it holds the stage's lock) when this returns."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "cache"), str(started), str(release)],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    while not started.exists():
+        assert proc.poll() is None, "the holder process died before computing"
+        time.sleep(0.05)
+    return proc, release
+
+
+def run_in_thread(cache, compute):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", cache.run("embed", {"seed": 0}, compute)))
+    thread.start()
+    return thread, out
+
+
+def test_second_job_waits_for_the_first_and_reuses_its_result(tmp_path):
+    """While another process computes a stage, run() blocks on its lock, then returns the committed result."""
+    proc, release = start_holder(tmp_path)
+    compute = Compute({"computed_by": "waiter"})
+    thread, out = run_in_thread(StageCache(tmp_path / "cache"), compute)
+    thread.join(timeout=1.0)
+    assert thread.is_alive() and "result" not in out  # blocked on the lock, not computing
+    release.touch()
+    thread.join(timeout=60)
+    assert proc.wait(timeout=60) == 0
+    result = out["result"]
+    assert compute.calls == 0
+    assert result.cached and result.info == {"computed_by": "holder"}
+    assert (result.path / "partial.txt").read_text() == "from the first job"
+
+
+def test_lock_of_a_killed_job_does_not_block_and_its_partial_work_resumes(tmp_path):
+    """A job killed inside a stage (SIGKILL: no clean-up runs) leaves no lock behind: the kernel drops it."""
+    proc, _ = start_holder(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    seen = {}
+
+    def resume(out):
+        seen["partial"] = (out / "partial.txt").read_text()
+        return {"computed_by": "second"}
+
+    thread, out = run_in_thread(StageCache(tmp_path / "cache"), resume)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert not out["result"].cached and out["result"].info == {"computed_by": "second"}
+    assert seen["partial"] == "from the first job"

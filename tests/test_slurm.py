@@ -1,0 +1,108 @@
+"""Sweeps through `hydra/launcher=slurm` on a real one-node SLURM cluster (scripts/slurm_local.sh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
+# Tiny schedules and one CPU per job: the two CPUs of a CI machine run two jobs at once.
+TINY = ["intermediate.epochs=3", "eval.pgd.steps=3", "eval.val_pgd.steps=2", "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=15"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        pytest.skip(f"no local SLURM cluster here: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
+    yield
+    if "already running" not in proc.stdout:  # leave a cluster that someone else started
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+def sweep(*overrides: str, sweep_dir: Path, cache_dir: Path) -> subprocess.Popen:
+    """`python -m ssat.run -m hydra/launcher=slurm ...`: submits the array and waits for its jobs."""
+    return subprocess.Popen([sys.executable, "-m", "ssat.run", "-m", *TINY, *overrides, f"cache_dir={cache_dir}",
+                             f"hydra.sweep.dir={sweep_dir}"], cwd=sweep_dir.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def finish(proc: subprocess.Popen) -> str:
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, f"the sweep failed ({proc.returncode}):\n{log[-5000:]}"
+    return log
+
+
+def wait_until(what: str, check, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slurm_cache")
+
+
+def test_sweep_on_slurm_runs_four_jobs_sharing_the_intermediate_model_and_embedding(cluster, cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    finish(sweep("selector=random,lcs_km", "budget=0.1,0.2", "ssat.epochs=2", sweep_dir=sweep_dir,
+                 cache_dir=cache))
+    results = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
+    assert sorted(results) == ["0_random_0.1", "1_random_0.2", "2_lcs_km_0.1", "3_lcs_km_0.2"]
+    # Each ran as a SLURM job through submitit (its result pickle), not in the launcher's process.
+    assert len(list(sweep_dir.glob(".submitit/*/*_result.pkl"))) == 4
+    for stage in ("intermediate", "embed"):
+        flags = sorted(r["cached"][stage] for r in results.values())
+        assert flags == [False, True, True, True], f"{stage} computed {flags.count(False)} times"
+        assert len({r["stage_keys"][stage] for r in results.values()}) == 1
+        assert [p.name for p in (cache / stage).iterdir() if p.is_dir()] == [results["0_random_0.1"]
+                                                                                 ["stage_keys"][stage]]
+    assert all(not r["cached"]["ssat"] and r["ssat_epochs"] == 2 for r in results.values())
+
+
+def test_preempted_job_is_requeued_into_the_same_run_dir_and_resumes_from_its_checkpoint(cluster, cache, tmp_path):
+    """USR2 (submitit's preemption signal) mid-SSAT: submitit requeues the job; the rerun takes the finished stages
+    from the cache and resumes SSAT from last.ckpt in the same run directory, ending at the configured epoch."""
+    epochs = 30
+    sweep_dir = tmp_path / "sweep"
+    proc = sweep("selector=random", "budget=0.1", f"ssat.epochs={epochs}", sweep_dir=sweep_dir, cache_dir=cache)
+    wait_until("the SSAT stage's first checkpoint",
+               lambda: list((cache / "ssat").glob("*.partial/checkpoints/last.ckpt")) if (cache / "ssat").exists()
+               else None)
+    (job_id,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+
+    def requeued():
+        state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+        return "Restarts=1" in state and "JobState=PENDING" in state
+
+    wait_until("the job to be requeued", requeued, timeout=120)
+    # SLURM holds a requeued job for two minutes before it may start again; the test does not wait for that.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    finish(proc)
+
+    (run_dir,) = [p.parent for p in sweep_dir.glob("*/results.json")]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["ssat_epochs"] == epochs and not results["cached"]["ssat"]
+    run_log = (run_dir / "run.log").read_text()
+    assert "Caught signal SIGUSR2" in run_log and f"Requeued job {job_id}" in run_log
+    # Two attempts logged into the one run directory: the first stopped early, the second went on from there.
+    attempts = sorted((run_dir / "logs" / "ssat").glob("version_*/metrics.csv"))
+    assert len(attempts) == 2
+    first, second = ([int(line.split(",")[0]) for line in p.read_text().splitlines()[1:]] for p in attempts)
+    assert max(first) < epochs - 1
+    assert 0 < min(second) == max(first) + 1 and max(second) == epochs - 1

@@ -90,6 +90,8 @@ def check_eval_config(ev: DictConfig) -> None:
         raise ConfigError(f"eval.chunk_size={ev.chunk_size} must be at least 1")
     if ev.autoattack.version not in VERSIONS:
         raise ConfigError(f"eval.autoattack.version={ev.autoattack.version!r} is not one of {', '.join(VERSIONS)}")
+    if ev.autoattack.num_points is not None and ev.autoattack.num_points < 1:
+        raise ConfigError(f"eval.autoattack.num_points={ev.autoattack.num_points} must be at least 1 (null: all)")
     scales = list(ev.sanity.eps_scales)
     if len(set(scales)) < 2 or min(scales) <= 0:
         raise ConfigError(f"eval.sanity.eps_scales={scales} must hold at least two distinct positive factors of "
@@ -264,6 +266,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "clean_acc": evaluated.info["clean_acc"],
         "robust_acc": evaluated.info["robust_acc"],
         "autoattack_acc": evaluated.info.get("autoattack_acc"),
+        "autoattack_num_points": evaluated.info.get("autoattack_num_points"),
         "autoattack_warnings": evaluated.info.get("autoattack_warnings", []),
         "sanity": sanity,
         "sanity_passed": sanity["passed"],

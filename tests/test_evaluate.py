@@ -216,3 +216,17 @@ def test_resumed_chunks_give_the_numbers_of_an_uninterrupted_run(model, digits, 
         path.unlink()
     resumed = evaluate(model, images, labels, tmp_path / "a", 256, PGD, OFF, SANITY, chunk_size=100)
     assert resumed == whole
+
+
+def test_a_failed_check_is_repeated_under_the_final_table():
+    from ssat.pipeline import format_summary
+
+    summary = {"selector": "lcs_km", "budget": 0.2, "clean_acc": 0.9, "robust_acc": 0.8, "autoattack_acc": 0.7,
+               "sizes": {"labeled": 300, "pool": 987, "selected": 197, "boundary": 79, "random": 118},
+               "timings": {"evaluate": 1.0}, "cached": {"evaluate": False}, "total_seconds": 1.0,
+               "sanity": {"passed": False, "failed": ["pgd_beats_random_noise"]}}
+    table = format_summary(summary)
+    assert "autoattack_acc" in table and "0.7000" in table
+    assert "SANITY CHECKS FAILED: pgd_beats_random_noise" in table.splitlines()[-1]
+    summary["sanity"] = {"passed": True, "failed": []}
+    assert "SANITY" not in format_summary(summary)

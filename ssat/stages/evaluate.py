@@ -118,7 +118,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, out_dir: 
 def sanity_checks(flags: ResumableFlags, clean: np.ndarray, robust: np.ndarray, aa: np.ndarray | None,
                   pgd: dict[str, Any], num_points: int = 500, eps_scales=(0.5, 1.0, 2.0), noise_samples: int = 10,
                   tolerance: float = 0.01, seed: int = 0) -> dict[str, Any]:
-    """The checks on a seeded subset of the test points (AutoAttack's on all of them); failures are logged
+    """The checks on a seeded subset of the test points (AutoAttack's on the points it ran on); failures are logged
     loudly and listed under "failed"."""
     subset = sanity_subset(len(clean), num_points, seed)
     eps = pgd["eps"]

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssat.attacks import CrossEntropyLoss, PGDATLoss
+from ssat.attacks import LOSSES, CrossEntropyLoss, PGDATLoss
+from ssat.attacks.autoattack import VERSIONS
 from ssat.config import build
 from ssat.cache import StageCache, StageResult, write_json_atomic
 from ssat.data.splits import SemiSupervisedData, take_test_subset
@@ -28,6 +29,7 @@ from ssat.errors import ConfigError, DataError
 from ssat.data.pools import MemmapImages
 from ssat.generation.sampling import IMAGES
 from ssat.generation.unet import check_lambda, check_pretrained
+from ssat.lightning import EMA
 from ssat.selection.generated import GuidedGeneration
 from ssat.stages.embed import embed_pool, load_embedding
 from ssat.stages.generate import UNET_DIR, ddpm_finetune, ddpm_pretrain, generated_pool_sizes, sample
@@ -67,6 +69,36 @@ def check_config(cfg: DictConfig) -> None:
     for stage in ("intermediate", "ssat"):
         if cfg[stage].epochs < 1:
             raise ConfigError(f"{stage}.epochs={cfg[stage].epochs} must be at least 1")
+    if cfg.ssat.ema.decay is not None:
+        EMA(**cfg.ssat.ema)  # its own checks, now rather than after the intermediate model has trained
+    patience = cfg.ssat.early_stopping.patience
+    if patience is not None and patience < 1:
+        raise ConfigError(f"ssat.early_stopping.patience={patience} must be at least 1 (null: no early stopping)")
+    check_eval_config(cfg.eval)
+
+
+def check_eval_config(ev: DictConfig) -> None:
+    for key in ("pgd", "val_pgd"):
+        pgd = ev[key]
+        if pgd.loss not in LOSSES:
+            raise ConfigError(f"eval.{key}.loss={pgd.loss!r} is not one of {', '.join(LOSSES)}")
+        if pgd.restarts < 1:
+            raise ConfigError(f"eval.{key}.restarts={pgd.restarts} must be at least 1")
+        if pgd.restarts > 1 and not pgd.random_start:
+            raise ConfigError(f"eval.{key}.restarts={pgd.restarts} needs eval.{key}.random_start=true "
+                              f"(restarts without a random start repeat the same attack)")
+    if ev.chunk_size < 1:
+        raise ConfigError(f"eval.chunk_size={ev.chunk_size} must be at least 1")
+    if ev.autoattack.version not in VERSIONS:
+        raise ConfigError(f"eval.autoattack.version={ev.autoattack.version!r} is not one of {', '.join(VERSIONS)}")
+    if ev.autoattack.num_points is not None and ev.autoattack.num_points < 1:
+        raise ConfigError(f"eval.autoattack.num_points={ev.autoattack.num_points} must be at least 1 (null: all)")
+    scales = list(ev.sanity.eps_scales)
+    if len(set(scales)) < 2 or min(scales) <= 0:
+        raise ConfigError(f"eval.sanity.eps_scales={scales} must hold at least two distinct positive factors of "
+                          f"eval.pgd.eps")
+    if ev.sanity.num_points < 1:
+        raise ConfigError(f"eval.sanity.num_points={ev.sanity.num_points} must be at least 1")
 
 
 def load_data(cfg: DictConfig) -> SemiSupervisedData:
@@ -191,7 +223,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return train_ssat(build_model(cfg), data, selection, pseudo_labels, out, make_trainer, ssat_loss,
                           ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction,
                           ssat_cfg.batches_per_epoch, ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                          dict(cfg.eval.val_pgd), cfg.seed)
+                          dict(cfg.eval.val_pgd), cfg.seed,
+                          ema=dict(ssat_cfg.ema) if ssat_cfg.ema.decay is not None else None,
+                          patience=ssat_cfg.early_stopping.patience)
 
     trained = run_stage(
         "ssat", f"{ssat_loss.name} on {sizes['labeled']} labeled + {len(selection)} pseudo-labeled, "
@@ -202,11 +236,21 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def compute_evaluate(out: Path):
         L.seed_everything(cfg.seed, verbose=False)
         model = load_weights(build_model(cfg), trained.path / "model.pt")
-        return evaluate(model, data.test_images, data.test_labels, cfg.eval.batch_size, dict(cfg.eval.pgd), device)
+        ev = OmegaConf.to_container(cfg.eval, resolve=True)
+        return evaluate(model, data.test_images, data.test_labels, out, ev["batch_size"], ev["pgd"],
+                        ev["autoattack"], ev["sanity"], device, ev["chunk_size"], cfg.seed)
 
+    ev = cfg.eval
     evaluated = run_stage(
-        "evaluate", f"clean and PGD-{cfg.eval.pgd.steps} on {sizes['test']} test images",
-        {"ssat": trained.key, "pgd": cfg.eval.pgd, "test_size": cfg.test_size, "seed": cfg.seed}, compute_evaluate)
+        "evaluate", f"clean, PGD-{ev.pgd.steps} ({ev.pgd.loss}, {ev.pgd.restarts} restart(s))"
+        f"{', AutoAttack ' + ev.autoattack.version if ev.autoattack.enabled else ''} on {sizes['test']} test images"
+        f" and sanity checks",
+        {"ssat": trained.key, "pgd": ev.pgd, "autoattack": ev.autoattack, "sanity": ev.sanity, "test_size": cfg.test_size,
+         "batch_size": ev.batch_size, "chunk_size": ev.chunk_size, "seed": cfg.seed}, compute_evaluate)
+    sanity = evaluated.info["sanity"]
+    if not sanity["passed"]:
+        log.warning("!!! the evaluation failed its sanity checks: %s (results.json: sanity)",
+                    ", ".join(sanity["failed"]))
 
     summary = {
         "dataset": cfg.dataset.name,
@@ -224,10 +268,18 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "selection_sha256": hashlib.sha256(np.ascontiguousarray(selection, dtype=np.int64).tobytes()).hexdigest(),
         "clean_acc": evaluated.info["clean_acc"],
         "robust_acc": evaluated.info["robust_acc"],
+        "autoattack_acc": evaluated.info.get("autoattack_acc"),
+        "autoattack_num_points": evaluated.info.get("autoattack_num_points"),
+        "autoattack_warnings": evaluated.info.get("autoattack_warnings", []),
+        "sanity": sanity,
+        "sanity_passed": sanity["passed"],
         "pseudo_label_acc": labelled.info.get("pseudo_label_acc"),
         "intermediate_val_acc": intermediate.info["best_val"],
         "ssat_epochs": trained.info["epochs"],
         "ssat_best_epoch": trained.info["best_epoch"],
+        "ssat_epochs_to_convergence": trained.info["epochs_to_convergence"],
+        "ssat_early_stopped": trained.info["early_stopped"],
+        "ssat_ema": trained.info["ema"],
         "timings": {name: r.seconds for name, r in results.items()},
         "total_seconds": sum(r.seconds for r in results.values()),
         "cached": {name: r.cached for name, r in results.items()},
@@ -330,10 +382,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     row = [summary["selector"], f"{summary['budget']:g}", str(s["labeled"]), str(s["pool"]),
            f"{s['selected']} ({s['boundary']}+{s['random']})", f"{summary['clean_acc']:.4f}",
            f"{summary['robust_acc']:.4f}"]
+    if summary.get("autoattack_acc") is not None:
+        head.append("autoattack_acc")
+        row.append(f"{summary['autoattack_acc']:.4f}")
     widths = [max(len(h), len(r)) for h, r in zip(head, row)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join(r.ljust(w) for r, w in zip(row, widths)),
              "", f"{'stage':<14}{'seconds':>9}  cached"]
     for name, seconds in summary["timings"].items():
         lines.append(f"{name:<14}{seconds:>9.1f}  {'yes' if summary['cached'][name] else 'no'}")
     lines.append(f"{'total':<14}{summary['total_seconds']:>9.1f}")
+    sanity = summary.get("sanity")
+    if sanity and not sanity["passed"]:
+        lines += ["", f"!!! SANITY CHECKS FAILED: {', '.join(sanity['failed'])}: the robust accuracy above is not "
+                      f"to be trusted (gradient masking or an evaluation bug; see results.json)"]
     return "\n".join(lines)

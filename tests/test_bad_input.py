@@ -36,6 +36,11 @@ def assert_one_line_error(run, *fragments: str) -> None:
     (["selector=lcg_km", "generation.lam=-1"], ["generation.lam=-1"]),
     (["selector=lcg_gmm", "generation.num_images=0"], ["generation.num_images=0"]),
     (["selector=pcg", "generation.pretrain.images=train"], ["generation.pretrain.images='train' is not one of"]),
+    (["eval.pgd.loss=hinge"], ["eval.pgd.loss='hinge'", "ce, cw"]),
+    (["eval.val_pgd.restarts=3", "eval.val_pgd.random_start=false"], ["eval.val_pgd.restarts=3", "random_start"]),
+    (["ssat.ema.decay=1.5"], ["ssat.ema.decay=1.5", "[0, 1)"]),
+    (["ssat.early_stopping.patience=0"], ["ssat.early_stopping.patience=0"]),
+    (["eval.autoattack.version=fast"], ["eval.autoattack.version='fast'", "standard"]),
 ])
 def test_bad_config_value(overrides, fragments, tmp_path):
     run = run_ssat(*overrides, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)

@@ -153,3 +153,25 @@ def test_unreachable_ddpm_fails_before_any_training(tmp_path):
     assert run.proc.stderr.strip().splitlines()[-1].startswith("ssat: error: ")
     assert "google/ddpm-cifar10-32" in run.proc.stderr
     assert not (tmp_path / "cache" / "intermediate").exists()
+
+
+def test_full_evaluation_with_ema_and_early_stopping(shared_cache, tmp_path):
+    """experiment=autoattack (on a few test points), PGD with the CW loss and restarts, EMA and early stopping:
+    everything lands in results.json and the printed table."""
+    run = run_ssat("experiment=autoattack", "eval.autoattack.num_points=24", "eval.pgd.loss=cw",
+                   "eval.pgd.restarts=2", "ssat.ema.decay=0.9", "ssat.early_stopping.patience=2",
+                   "eval.sanity.num_points=100", run_dir=tmp_path / "run", cache_dir=shared_cache)
+    results = run.results
+    assert results["ssat_ema"] is True
+    assert 1 <= results["ssat_epochs_to_convergence"] == results["ssat_best_epoch"] + 1 <= results["ssat_epochs"]
+    assert results["ssat_early_stopped"] == (results["ssat_epochs"] < 6)
+    assert results["autoattack_num_points"] == 24
+    assert 0 <= results["autoattack_acc"] <= 1
+    sanity = results["sanity"]
+    assert results["sanity_passed"] == sanity["passed"] and sanity["num_points"] == 100
+    assert set(sanity["checks"]) == {"pgd_eps0_equals_clean", "robust_acc_falls_with_eps", "pgd_beats_random_noise",
+                                     "autoattack_not_above_pgd"}
+    assert sanity["checks"]["pgd_eps0_equals_clean"]["passed"]
+    assert "autoattack_acc" in run.proc.stdout + run.proc.stderr
+    flags = sorted(p.name for p in (shared_cache / "evaluate").glob("*/flags/*"))
+    assert {"clean", "pgd", "autoattack", "sanity_pgd_eps0"} <= set(flags)

@@ -1,5 +1,6 @@
-"""LightningModules of the training stages."""
+"""LightningModules of the training stages and their callbacks."""
 
 from ssat.lightning.classifier import RobustClassifierModule
+from ssat.lightning.ema import EMA
 
-__all__ = ["RobustClassifierModule"]
+__all__ = ["EMA", "RobustClassifierModule"]

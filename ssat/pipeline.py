@@ -27,6 +27,7 @@ from ssat.errors import ConfigError, DataError
 from ssat.data.pools import MemmapImages
 from ssat.generation.sampling import IMAGES
 from ssat.generation.unet import check_lambda, check_pretrained
+from ssat.selection.coreset import CoresetSelector
 from ssat.selection.generated import GuidedGeneration
 from ssat.selection.target import selection_target
 from ssat.stages.embed import embed_pool, load_embedding
@@ -190,19 +191,21 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         data, selection, np.load(labelled.path / "pseudo_labels.npy"))
 
     ssat_cfg = cfg.ssat
+    coreset = selector if isinstance(selector, CoresetSelector) else None  # chosen during SSAT
 
     def compute_ssat(out: Path):
         L.seed_everything(cfg.seed, verbose=False)
         return train_ssat(build_model(cfg), train_data, train_selection, train_labels, out, make_trainer, ssat_loss,
                           ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction,
                           ssat_cfg.batches_per_epoch, ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                          dict(cfg.eval.val_pgd), cfg.seed)
+                          dict(cfg.eval.val_pgd), cfg.seed, coreset=coreset, coreset_size=n_selected)
 
     trained = run_stage(
         "ssat", f"{ssat_loss.name} on {len(train_data.labeled_labels)} labeled + {len(train_selection)} pseudo-labeled, "
         f"{ssat_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "ssat": ssat_cfg, "attack": cfg.attack, "val_pgd": cfg.eval.val_pgd,
-         "pseudo_label": labelled.key, "seed": cfg.seed}, compute_ssat)
+         "pseudo_label": labelled.key, "seed": cfg.seed,
+         **({"coreset": {"selector": cfg.selector, "size": n_selected}} if coreset else {})}, compute_ssat)
 
     def compute_evaluate(out: Path):
         L.seed_everything(cfg.seed, verbose=False)
@@ -233,6 +236,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "ssat_epochs": trained.info["epochs"],
         "ssat_best_epoch": trained.info["best_epoch"],
         "timings": {name: r.seconds for name, r in results.items()},
+        # Choosing points: the select stage, plus a coreset's re-selections inside ssat (counted in its seconds).
+        "selection_seconds": selected.seconds + trained.info.get("reselection_seconds", 0.0),
+        "reselections": trained.info.get("reselections"),
         "total_seconds": sum(r.seconds for r in results.values()),
         "cached": {name: r.cached for name, r in results.items()},
         "stage_keys": {name: r.key for name, r in results.items()},

@@ -37,6 +37,7 @@ class SSATBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.subset: torch.Tensor | None = None  # unlabeled positions to draw from (an adaptive coreset); None: all
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -54,7 +55,9 @@ class SSATBatchSampler(Sampler[list[int]]):
             parts = [labeled]
             if self.labeled_per_batch < self.batch_size:  # as RST: no unlabeled share, no top-up
                 fill = self.batch_size - len(labeled)
-                parts.append(self.num_labeled + torch.randint(self.num_unlabeled, (fill,), generator=gen))
+                drawn = torch.randint(self.num_unlabeled if self.subset is None else len(self.subset), (fill,),
+                                      generator=gen)
+                parts.append(self.num_labeled + (drawn if self.subset is None else self.subset[drawn]))
             batch = torch.cat(parts)
             yield batch[torch.randperm(len(batch), generator=gen)]
 

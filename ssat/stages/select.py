@@ -21,7 +21,9 @@ def select_pool(selector: Selector, pool: PoolEmbedding, budget: float, seed: in
     np.save(out_dir / "weights.npy", selection.weights)
     np.save(out_dir / "is_boundary.npy", selection.is_boundary)
     return {
-        "selected": int(len(selection.indices)),
+        "candidates": int(len(pool)),
+        # What training uses: the selection, or an adaptive selector's coreset drawn from it during training.
+        "selected": int(min(len(selection.indices), selector.num_selected(budget, len(pool)))),
         "boundary": selection.num_boundary,
-        "random": int(len(selection.indices) - selection.num_boundary),
+        "random": int(min(len(selection.indices), selector.num_selected(budget, len(pool))) - selection.num_boundary),
     }

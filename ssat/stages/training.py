@@ -33,7 +33,7 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         sampler: SSATBatchSampler, val_images: np.ndarray, val_labels: np.ndarray, out_dir: Path,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
-        eval_batch_size: int, val_pgd: dict[str, Any] | None) -> dict[str, Any]:
+        eval_batch_size: int, val_pgd: dict[str, Any] | None, callbacks: tuple = ()) -> dict[str, Any]:
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
     resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt."""
     module = RobustClassifierModule(model, train_loss, optim, epochs, augment, val_pgd)
@@ -41,7 +41,7 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
                                  auto_insert_metric_name=False)
-    trainer = make_trainer(stage, out_dir, epochs, [checkpoint], len(sampler))
+    trainer = make_trainer(stage, out_dir, epochs, [checkpoint, *callbacks], len(sampler))
     train_loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is)
     val_loader = eval_loader(val_images, val_labels, eval_batch_size)
     last = ckpt_dir / "last.ckpt"

@@ -1,0 +1,83 @@
+"""The adaptive coreset during SSAT: warm start on every candidate, then a weighted coreset re-chosen from the
+current model's adversarial gradients every ``select_every`` epochs (ACS, Dolatabadi et al.).
+
+Warm start: ACS trains round(c kappa E) epochs on all the data, then skips to epoch kappa E. Here an epoch has
+the coreset's length throughout, so the first round(kappa E) epochs draw from every candidate: the same number
+of examples as ACS' full-data epochs, at the same point of the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ssat.data.sampler import SSATBatchSampler
+from ssat.data.training_set import LabeledAndSelected
+from ssat.selection.coreset import CoresetSelector, last_layer_gradients
+
+log = logging.getLogger("ssat")
+HISTORY = "coreset_selections.json"
+
+
+class CoresetReselection(Callback):
+    """Sets the sampler's unlabeled subset and the training set's loss weights at the start of each epoch."""
+
+    def __init__(self, selector: CoresetSelector, train_set: LabeledAndSelected, sampler: SSATBatchSampler,
+                 train_loss, size: int, epochs: int, seed: int, out_dir: Path):
+        self.selector, self.train_set, self.sampler, self.train_loss = selector, train_set, sampler, train_loss
+        self.size, self.epochs, self.seed, self.out_dir = size, epochs, seed, out_dir
+        self.positions: np.ndarray | None = None
+        self.weights: np.ndarray | None = None
+        self.history: list[dict] = []
+        self.apply()
+
+    def apply(self) -> None:
+        """Weight 1 everywhere, then the coreset's weights on its positions (nothing else is drawn)."""
+        n_labeled = self.train_set.num_labeled
+        weights = np.ones(len(self.train_set), dtype=np.float32)
+        if self.positions is not None:
+            weights[n_labeled:] = 0.0
+            weights[n_labeled + self.positions] = self.weights
+            self.sampler.subset = torch.from_numpy(self.positions)
+        else:
+            self.sampler.subset = None
+        self.train_set.weights = weights
+
+    def reselect(self, model: torch.nn.Module, device: torch.device, epoch: int) -> None:
+        started = time.perf_counter()
+        ts, step = self.train_set, self.selector.batch_size
+        candidates = range(ts.num_labeled, len(ts))
+        batches = (ts.__getitems__(candidates[s:s + step])[:2] for s in range(0, len(candidates), step))
+        grads = last_layer_gradients(model, self.train_loss, batches, device, self.selector.fc_weights)
+        rng = np.random.default_rng([self.seed, epoch])
+        self.positions, self.weights = self.selector.choose(grads, ts.pseudo_labels, self.size, rng)
+        seconds = time.perf_counter() - started
+        self.history.append({"epoch": epoch, "size": int(len(self.positions)), "seconds": seconds})
+        log.info("coreset %s: %d of %d candidates chosen at epoch %d in %.1f s", self.selector.name,
+                 len(self.positions), len(ts.selection), epoch, seconds)
+        (self.out_dir / HISTORY).write_text(json.dumps(self.history, indent=2) + "\n")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.selector.selects_at(epoch, self.epochs):
+            self.reselect(pl_module.model, pl_module.device, epoch)
+        self.apply()
+
+    def state_dict(self) -> dict:
+        return {"positions": self.positions, "weights": self.weights, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.positions, self.weights = state_dict["positions"], state_dict["weights"]
+        self.history = list(state_dict["history"])
+        self.apply()
+
+    def summary(self) -> dict:
+        return {"coreset_size": self.size, "reselections": self.history,
+                "reselection_seconds": float(sum(h["seconds"] for h in self.history))}

@@ -166,11 +166,15 @@ def test_weighted_loss_with_equal_weights_is_the_loss(digits, loss):
     torch.testing.assert_close(only_first, per_point[0])
 
 
-def test_sampler_draws_unlabeled_points_from_the_coreset_only():
+def test_sampler_draws_from_the_coreset_only():
     sampler = SSATBatchSampler(20, 100, 16, 0.5, num_batches=40, seed=0)
-    sampler.subset = torch.tensor([3, 50, 97])
-    drawn = {i - 20 for batch in sampler for i in batch if i >= 20}
-    assert drawn == {3, 50, 97}
+    unrestricted = [list(b) for b in sampler]
+    sampler.unlabeled_subset = torch.tensor([3, 50, 97])
+    assert {i - 20 for batch in sampler for i in batch if i >= 20} == {3, 50, 97}
+    sampler.labeled_subset = torch.tensor([1, 4, 9, 16])
+    assert {i for batch in sampler for i in batch if i < 20} == {1, 4, 9, 16}
+    sampler.labeled_subset = sampler.unlabeled_subset = None
+    assert [list(b) for b in sampler] == unrestricted
 
 
 # ---------------------------------------------------------------- through the command line
@@ -202,6 +206,18 @@ def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
         results["timings"]["select"]
     assert "coreset coreset_gradmatch: %d of %d candidates chosen at epoch 5" % (results["n_selected"], pool) \
         in run.proc.stdout + run.proc.stderr
+    assert 0 < results["robust_acc"] < results["clean_acc"]
+
+
+def test_coreset_of_the_labeled_set_is_plain_adversarial_training_on_a_weighted_subset(tmp_path):
+    """ACS' own setting: no pool, CRAIG re-chooses half of the labeled set (by true labels) during training."""
+    run = run_ssat("selector=coreset_craig", "selection.target=labeled", "budget=0.5", "selector.select_every=2",
+                   "selector.kappa=0.5", run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    results = run.results
+    assert results["n_selected"] == 150 and [r["epoch"] for r in results["reselections"]] == [3, 5]
+    assert "coreset coreset_craig: 150 of 300 candidates chosen at epoch 3" in run.proc.stdout + run.proc.stderr
+    record = json.loads((tmp_path / "cache" / "ssat" / results["stage_keys"]["ssat"] / "record.json").read_text())
+    assert record["info"]["num_unlabeled"] == 0 and record["info"]["coreset_size"] == 150
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 

@@ -26,13 +26,22 @@ log = logging.getLogger("ssat")
 HISTORY = "coreset_selections.json"
 
 
+def candidate_part(train_set: LabeledAndSelected) -> tuple[range, np.ndarray, str]:
+    """The training set's indices the coreset is chosen from, their labels, and the sampler's subset attribute:
+    the pseudo-labeled pool points, or the labeled points when there are none (selection.target=labeled)."""
+    if len(train_set.selection):
+        return range(train_set.num_labeled, len(train_set)), train_set.pseudo_labels, "unlabeled_subset"
+    return range(train_set.num_labeled), train_set.labeled_labels, "labeled_subset"
+
+
 class CoresetReselection(Callback):
-    """Sets the sampler's unlabeled subset and the training set's loss weights at the start of each epoch."""
+    """Sets the sampler's subset and the training set's loss weights at the start of each epoch."""
 
     def __init__(self, selector: CoresetSelector, train_set: LabeledAndSelected, sampler: SSATBatchSampler,
                  train_loss, size: int, epochs: int, seed: int, out_dir: Path):
         self.selector, self.train_set, self.sampler, self.train_loss = selector, train_set, sampler, train_loss
         self.size, self.epochs, self.seed, self.out_dir = size, epochs, seed, out_dir
+        self.candidates, self.labels, self.subset_attribute = candidate_part(train_set)
         self.positions: np.ndarray | None = None
         self.weights: np.ndarray | None = None
         self.history: list[dict] = []
@@ -40,28 +49,27 @@ class CoresetReselection(Callback):
 
     def apply(self) -> None:
         """Weight 1 everywhere, then the coreset's weights on its positions (nothing else is drawn)."""
-        n_labeled = self.train_set.num_labeled
         weights = np.ones(len(self.train_set), dtype=np.float32)
+        subset = None
         if self.positions is not None:
-            weights[n_labeled:] = 0.0
-            weights[n_labeled + self.positions] = self.weights
-            self.sampler.subset = torch.from_numpy(self.positions)
-        else:
-            self.sampler.subset = None
+            start = self.candidates.start
+            weights[self.candidates.start:self.candidates.stop] = 0.0
+            weights[start + self.positions] = self.weights
+            subset = torch.from_numpy(np.asarray(self.positions, dtype=np.int64))
+        setattr(self.sampler, self.subset_attribute, subset)
         self.train_set.weights = weights
 
     def reselect(self, model: torch.nn.Module, device: torch.device, epoch: int) -> None:
         started = time.perf_counter()
-        ts, step = self.train_set, self.selector.batch_size
-        candidates = range(ts.num_labeled, len(ts))
-        batches = (ts.__getitems__(candidates[s:s + step])[:2] for s in range(0, len(candidates), step))
+        step, candidates = self.selector.batch_size, self.candidates
+        batches = (self.train_set.__getitems__(candidates[s:s + step])[:2] for s in range(0, len(candidates), step))
         grads = last_layer_gradients(model, self.train_loss, batches, device, self.selector.fc_weights)
         rng = np.random.default_rng([self.seed, epoch])
-        self.positions, self.weights = self.selector.choose(grads, ts.pseudo_labels, self.size, rng)
+        self.positions, self.weights = self.selector.choose(grads, self.labels, self.size, rng)
         seconds = time.perf_counter() - started
         self.history.append({"epoch": epoch, "size": int(len(self.positions)), "seconds": seconds})
         log.info("coreset %s: %d of %d candidates chosen at epoch %d in %.1f s", self.selector.name,
-                 len(self.positions), len(ts.selection), epoch, seconds)
+                 len(self.positions), len(candidates), epoch, seconds)
         (self.out_dir / HISTORY).write_text(json.dumps(self.history, indent=2) + "\n")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

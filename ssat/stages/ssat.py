@@ -30,8 +30,9 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
     ``coreset_size`` of them (an epoch is then as long as labeled + coreset), re-chosen during training."""
     train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels, data.pool_images, selection,
                                    pseudo_labels)
-    if coreset is not None and batches_per_epoch is None:
-        batches_per_epoch = math.ceil((train_set.num_labeled + coreset_size) / batch_size)
+    if coreset is not None and batches_per_epoch is None:  # one pass over the coreset and the rest
+        candidates = len(selection) or train_set.num_labeled
+        batches_per_epoch = math.ceil((len(train_set) - candidates + coreset_size) / batch_size)
     sampler = SSATBatchSampler(train_set.num_labeled, len(selection), batch_size, unsup_fraction,
                                batches_per_epoch, seed=seed, rank=rank, world_size=world_size)
     if coreset is None:

@@ -25,12 +25,14 @@ class PoolEmbedding:
     def __len__(self) -> int:
         return len(self.features)
 
-    def classes(self, chunk: int = 65536) -> np.ndarray:
-        """The true class where known, else the selection model's pseudo-class (argmax of the logits)."""
-        if self.labels is not None:
-            return np.asarray(self.labels, dtype=np.int64)
+    def pseudo_classes(self, chunk: int = 65536) -> np.ndarray:
+        """The selection model's predicted class (argmax of the logits), read in chunks of rows."""
         return np.concatenate([np.asarray(self.logits[s:s + chunk]).argmax(1) for s in range(0, len(self), chunk)]
                               or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
+    def classes(self) -> np.ndarray:
+        """The true class where known, else the pseudo-class."""
+        return self.pseudo_classes() if self.labels is None else np.asarray(self.labels, dtype=np.int64)
 
 
 @dataclass

@@ -170,9 +170,10 @@ class CoresetSelector(Selector):
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Coreset positions (into the candidates) and their weights, normalised to mean 1 so that a coreset
         point stands for the candidates it represents at the rate uniform sampling would give them."""
-        groups = ([np.flatnonzero(classes == c) for c in class_shares(classes, size)[0]] if self.per_class
-                  else [np.arange(len(grads))])
-        takes = class_shares(classes, size)[1] if self.per_class else [size]
+        groups, takes = [np.arange(len(grads))], [size]
+        if self.per_class:
+            values, takes = class_shares(classes, size)
+            groups = [np.flatnonzero(classes == value) for value in values]
         indices, weights = [], []
         for members, take in zip(groups, takes):
             if take == 0:

@@ -110,9 +110,7 @@ class ExtrapolationSelector(Selector):
                               "probabilities=pseudo_label or selection.target=labeled")
 
     def labels(self, pool: PoolEmbedding) -> np.ndarray:
-        if self.probabilities == "pseudo_label":
-            return PoolEmbedding(pool.features, pool.logits).classes()
-        return pool.classes()
+        return pool.pseudo_classes() if self.probabilities == "pseudo_label" else pool.classes()
 
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray:
         self.check(len(pool), pool.labels is not None)

@@ -63,7 +63,9 @@ class CoresetReselection(Callback):
         started = time.perf_counter()
         step, candidates = self.selector.batch_size, self.candidates
         batches = (self.train_set.__getitems__(candidates[s:s + step])[:2] for s in range(0, len(candidates), step))
-        grads = last_layer_gradients(model, self.train_loss, batches, device, self.selector.fc_weights)
+        with torch.random.fork_rng():  # the attacks' random starts depend on (seed, epoch) only, on every rank
+            torch.manual_seed(self.seed * 1_000_003 + epoch)
+            grads = last_layer_gradients(model, self.train_loss, batches, device, self.selector.fc_weights)
         rng = np.random.default_rng([self.seed, epoch])
         self.positions, self.weights = self.selector.choose(grads, self.labels, self.size, rng)
         seconds = time.perf_counter() - started

@@ -201,8 +201,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                           dict(cfg.eval.val_pgd), cfg.seed, coreset=coreset, coreset_size=n_selected)
 
     trained = run_stage(
-        "ssat", f"{ssat_loss.name} on {len(train_data.labeled_labels)} labeled + {len(train_selection)} pseudo-labeled, "
-        f"{ssat_cfg.epochs} epochs",
+        "ssat", f"{ssat_loss.name} on {len(train_data.labeled_labels)} labeled + {len(train_selection)} "
+        f"pseudo-labeled, {ssat_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "ssat": ssat_cfg, "attack": cfg.attack, "val_pgd": cfg.eval.val_pgd,
          "pseudo_label": labelled.key, "seed": cfg.seed,
          **({"coreset": {"selector": cfg.selector, "size": n_selected}} if coreset else {})}, compute_ssat)

@@ -92,7 +92,8 @@ class ExtrapolationSelector(Selector):
         if probabilities not in PROBABILITIES:
             raise ConfigError(f"selector.probabilities={probabilities!r} is not one of {', '.join(PROBABILITIES)}")
         self.model, self.loss, self.scored_fraction, self.epochs = model, loss, scored_fraction, epochs
-        self.window, self.neighbours, self.batch_size, self.probabilities = window, neighbours, batch_size, probabilities
+        self.window, self.neighbours, self.batch_size = window, neighbours, batch_size
+        self.probabilities = probabilities
         self.optim = dict(optim or {"lr": 0.05, "schedule": "cosine"})
         self.accelerator = accelerator
 

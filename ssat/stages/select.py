@@ -20,10 +20,11 @@ def select_pool(selector: Selector, pool: PoolEmbedding, budget: float, seed: in
     np.save(out_dir / "scores.npy", selection.scores)
     np.save(out_dir / "weights.npy", selection.weights)
     np.save(out_dir / "is_boundary.npy", selection.is_boundary)
+    # What training uses: the selection, or the coreset an adaptive selector draws from it during training.
+    used = min(len(selection.indices), selector.num_selected(budget, len(pool)))
     return {
         "candidates": int(len(pool)),
-        # What training uses: the selection, or an adaptive selector's coreset drawn from it during training.
-        "selected": int(min(len(selection.indices), selector.num_selected(budget, len(pool)))),
+        "selected": int(used),
         "boundary": selection.num_boundary,
-        "random": int(min(len(selection.indices), selector.num_selected(budget, len(pool))) - selection.num_boundary),
+        "random": int(used - selection.num_boundary),
     }

@@ -15,6 +15,8 @@ from ssat.attacks import PGDATLoss, TradesLoss
 from ssat.attacks.losses import WeightedLoss
 from ssat.data.datasets import load_digits
 from ssat.data.sampler import SSATBatchSampler
+from ssat.data.training_set import LabeledAndSelected
+from ssat.lightning.coreset import CoresetReselection
 from ssat.models import SmallCNN
 from ssat.selection import PoolEmbedding, PredictionConfidenceSelector, RandomSelector
 from ssat.selection.coreset import CoresetSelector, Craig, GradMatch, last_layer_gradients
@@ -175,6 +177,30 @@ def test_sampler_draws_from_the_coreset_only():
     assert {i for batch in sampler for i in batch if i < 20} == {1, 4, 9, 16}
     sampler.labeled_subset = sampler.unlabeled_subset = None
     assert [list(b) for b in sampler] == unrestricted
+
+
+def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
+    images, labels = digits
+    parts = []
+    for _ in range(2):
+        train_set = LabeledAndSelected(images[:40], labels[:40], images[40:], np.arange(200), labels[40:240])
+        sampler = SSATBatchSampler(40, 200, 32, 0.5, num_batches=5)
+        selector = CoresetSelector("coreset_craig", Craig(), select_every=1, kappa=0.0)
+        parts.append((train_set, sampler, CoresetReselection(selector, train_set, sampler, PGDATLoss(0.1, 0.025, 1),
+                                                             60, 4, 0, tmp_path)))
+    (first_set, first_sampler, first), (second_set, second_sampler, second) = parts
+    assert first_sampler.unlabeled_subset is None and (first_set.weights == 1).all()  # before any choice
+    first.reselect(SmallCNN(in_channels=1, num_classes=10, mean=[0.3], std=[0.4], width=8), torch.device("cpu"), 2)
+    first.apply()
+    chosen = first_sampler.unlabeled_subset.numpy()
+    assert len(np.unique(chosen)) == 60 and (first_set.weights[:40] == 1).all()
+    np.testing.assert_allclose(first_set.weights[40 + chosen].mean(), 1.0, rtol=1e-6)
+    assert (np.delete(first_set.weights[40:], chosen) == 0).all()
+    assert len(first_set.__getitems__([0, 40 + chosen[0]])) == 3, "batches carry the weights"
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    np.testing.assert_array_equal(second_sampler.unlabeled_subset.numpy(), chosen)
+    np.testing.assert_array_equal(second_set.weights, first_set.weights)
+    assert second.history == first.history and first.history[0]["epoch"] == 2
 
 
 # ---------------------------------------------------------------- through the command line

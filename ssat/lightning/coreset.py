@@ -81,10 +81,15 @@ class CoresetReselection(Callback):
         self.apply()
 
     def state_dict(self) -> dict:
-        return {"positions": self.positions, "weights": self.weights, "history": self.history}
+        """Plain lists, so that a resumed run (last.ckpt) trains on the same coreset without unpickling arrays."""
+        chosen = self.positions is not None
+        return {"positions": self.positions.tolist() if chosen else None,
+                "weights": self.weights.tolist() if chosen else None, "history": self.history}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.positions, self.weights = state_dict["positions"], state_dict["weights"]
+        chosen = state_dict["positions"] is not None
+        self.positions = np.asarray(state_dict["positions"], dtype=np.int64) if chosen else None
+        self.weights = np.asarray(state_dict["weights"], dtype=np.float32) if chosen else None
         self.history = list(state_dict["history"])
         self.apply()
 

@@ -258,8 +258,12 @@ def test_multirun_of_new_selectors_beside_lcs(tmp_path):
         assert results["selection_seconds"] > 0 and 0 < results["robust_acc"] < results["clean_acc"]
     assert found["extrapolation"]["sizes"]["boundary"] == found["extrapolation"]["n_selected"]
     assert [r["epoch"] for r in found["coreset_craig_pb"]["reselections"]] == [4]  # kappa 0.6 of 6 epochs
-    scores = np.load(sweep.glob("*_extrapolation_*").__next__() / "scores.npy")
+    run_dir = next(sweep.glob("*_extrapolation_*"))
+    scores, selection = np.load(run_dir / "scores.npy"), np.load(run_dir / "selection.npy")
     assert np.isfinite(scores).all() and len(np.unique(scores)) > 10
+    kept = found["extrapolation"]["n_selected"]
+    assert scores[selection].max() <= np.delete(scores, selection).min(), "the highest DU (lowest score) is kept"
+    assert len(selection) == kept
 
 
 @pytest.mark.parametrize("overrides, fragments", [

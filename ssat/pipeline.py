@@ -30,7 +30,9 @@ from ssat.data.pools import MemmapImages
 from ssat.generation.sampling import IMAGES
 from ssat.generation.unet import check_lambda, check_pretrained
 from ssat.lightning import EMA
+from ssat.selection.coreset import CoresetSelector
 from ssat.selection.generated import GuidedGeneration
+from ssat.selection.target import selection_target
 from ssat.stages.embed import embed_pool, load_embedding
 from ssat.stages.generate import UNET_DIR, ddpm_finetune, ddpm_pretrain, generated_pool_sizes, sample
 from ssat.stages.evaluate import evaluate
@@ -66,6 +68,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"selector.boundary_fraction={fraction} is outside [0, 1]")
     if not 0 <= cfg.ssat.unsup_fraction < 1:
         raise ConfigError(f"ssat.unsup_fraction={cfg.ssat.unsup_fraction} is outside [0, 1)")
+    selection_target(cfg.selection.target)
     for stage in ("intermediate", "ssat"):
         if cfg[stage].epochs < 1:
             raise ConfigError(f"{stage}.epochs={cfg[stage].epochs} must be at least 1")
@@ -154,7 +157,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     generative = isinstance(selector, GuidedGeneration)
     if generative:  # a bad DDPM source or setting fails now, not after the intermediate model has trained
         check_generation(cfg, data)
-    n_selected = selector.num_selected(cfg.budget, len(data.pool_images))
+    target = selection_target(cfg.selection.target)
+    selector.check(len(target.candidates(data)), target.known_labels(data) is not None)
+    n_selected = selector.num_selected(cfg.budget, len(target.candidates(data)))
     cache = StageCache(cfg.cache_dir)
     make_trainer = trainer_factory(cfg, run_dir)
     device = device_of(cfg)
@@ -197,15 +202,15 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         sizes = data.sizes()
         n_selected = selector.num_selected(cfg.budget, sizes["pool"])
 
+    candidates = target.candidates(data)
     embedded = run_stage(
-        "embed", f"features of {sizes['pool']} pool images", {"intermediate": intermediate.key,
-                                                                   "pool": pool_source, "dtype": cfg.embed.dtype},
-        lambda out: embed_pool(selection_model(), data.pool_images, out, cfg.embed.batch_size, device,
-                               cfg.embed.dtype))
-    pool_embedding = load_embedding(embedded.path)
+        "embed", f"features of {len(candidates)} {target.name} images",
+        {"intermediate": intermediate.key, "pool": pool_source, "dtype": cfg.embed.dtype, "target": target.name},
+        lambda out: embed_pool(selection_model(), candidates, out, cfg.embed.batch_size, device, cfg.embed.dtype))
+    pool_embedding = replace(load_embedding(embedded.path), images=candidates, labels=target.known_labels(data))
 
     selected = run_stage(
-        "select", f"{selector.name}, budget {cfg.budget} ({n_selected} of {sizes['pool']})",
+        "select", f"{selector.name}, budget {cfg.budget} ({n_selected} of {len(candidates)} {target.name} points)",
         {"embed": embedded.key, "selector": cfg.selector, "n_selected": n_selected, "seed": cfg.seed},
         lambda out: select_pool(selector, pool_embedding, cfg.budget, cfg.seed, out))
     selection = np.load(selected.path / "selection.npy")
@@ -213,25 +218,29 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     labelled = run_stage(
         "pseudo_label", f"{len(selection)} selected points",
         {"embed": embedded.key, "select": selected.key},
-        lambda out: pseudo_label(pool_embedding.logits, selection, out, data.pool_hidden_labels))
-    pseudo_labels = np.load(labelled.path / "pseudo_labels.npy")
+        lambda out: pseudo_label(pool_embedding.logits, selection, out, target.hidden_labels(data),
+                                 target.known_labels(data)))
+    train_data, train_selection, train_labels = target.training_data(
+        data, selection, np.load(labelled.path / "pseudo_labels.npy"))
 
     ssat_cfg = cfg.ssat
+    coreset = selector if isinstance(selector, CoresetSelector) else None  # chosen during SSAT
 
     def compute_ssat(out: Path):
         L.seed_everything(cfg.seed, verbose=False)
-        return train_ssat(build_model(cfg), data, selection, pseudo_labels, out, make_trainer, ssat_loss,
+        return train_ssat(build_model(cfg), train_data, train_selection, train_labels, out, make_trainer, ssat_loss,
                           ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction,
                           ssat_cfg.batches_per_epoch, ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
                           dict(cfg.eval.val_pgd), cfg.seed,
                           ema=dict(ssat_cfg.ema) if ssat_cfg.ema.decay is not None else None,
-                          patience=ssat_cfg.early_stopping.patience)
+                          patience=ssat_cfg.early_stopping.patience, coreset=coreset, coreset_size=n_selected)
 
     trained = run_stage(
-        "ssat", f"{ssat_loss.name} on {sizes['labeled']} labeled + {len(selection)} pseudo-labeled, "
-        f"{ssat_cfg.epochs} epochs",
+        "ssat", f"{ssat_loss.name} on {len(train_data.labeled_labels)} labeled + {len(train_selection)} "
+        f"pseudo-labeled, {ssat_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "ssat": ssat_cfg, "attack": cfg.attack, "val_pgd": cfg.eval.val_pgd,
-         "pseudo_label": labelled.key, "seed": cfg.seed}, compute_ssat)
+         "pseudo_label": labelled.key, "seed": cfg.seed,
+         **({"coreset": {"selector": cfg.selector, "size": n_selected}} if coreset else {})}, compute_ssat)
 
     def compute_evaluate(out: Path):
         L.seed_everything(cfg.seed, verbose=False)
@@ -256,10 +265,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "selector": selector.name,
         # The whole pool is budget 1 whatever was asked (selector=full ignores the budget).
-        "budget": 1.0 if n_selected == sizes["pool"] else cfg.budget,
+        "budget": 1.0 if n_selected == len(candidates) else cfg.budget,
         "seed": cfg.seed,
         "attack": ssat_loss.name,
         "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "target": target.name,
         "sizes": {**sizes, **selected.info},
         "n_pool": sizes["pool"],
         "n_generated": sizes["pool"] if generative else 0,
@@ -281,6 +291,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "ssat_early_stopped": trained.info["early_stopped"],
         "ssat_ema": trained.info["ema"],
         "timings": {name: r.seconds for name, r in results.items()},
+        # Choosing points: the select stage, plus a coreset's re-selections inside ssat (counted in its seconds).
+        "selection_seconds": selected.seconds + trained.info.get("reselection_seconds", 0.0),
+        "reselections": trained.info.get("reselections"),
         "total_seconds": sum(r.seconds for r in results.values()),
         "cached": {name: r.cached for name, r in results.items()},
         "stage_keys": {name: r.key for name, r in results.items()},

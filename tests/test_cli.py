@@ -100,8 +100,8 @@ def test_image_folder_of_real_cifar10_jpegs_with_preact_resnet18(tmp_path):
                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
     results = run.results
     assert results["dataset"] == "image_folder" and results["model"] == "PreActResNet18"
-    assert results["sizes"] == {"labeled": 24, "val": 6, "pool": 30, "test": 15, "selected": 15, "boundary": 6,
-                                "random": 9}
+    assert results["sizes"] == {"labeled": 24, "val": 6, "pool": 30, "test": 15, "candidates": 30, "selected": 15,
+                                "boundary": 6, "random": 9}
     assert 0 <= results["robust_acc"] <= results["clean_acc"] <= 1
     assert (tmp_path / "cache" / "image_folder").is_dir(), "decoded images are cached for the next run"
 

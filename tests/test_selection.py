@@ -331,7 +331,7 @@ def test_select_pool_writes_consistent_files(tmp_path, scores):
     info = select_pool(FixedScoreSelector(scores, 0.5), pool, 0.25, 3, tmp_path)
     indices = np.load(tmp_path / "selection.npy")
     is_boundary = np.load(tmp_path / "is_boundary.npy")
-    assert info == {"selected": 10, "boundary": 5, "random": 5}
+    assert info == {"candidates": 40, "selected": 10, "boundary": 5, "random": 5}
     np.testing.assert_array_equal(indices[:5], np.argsort(scores)[:5])
     np.testing.assert_array_equal(is_boundary, np.arange(10) < 5)
     np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), scores)

@@ -64,6 +64,15 @@ class TradesLoss:
                     x_adv = project_linf(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
         return x_adv.detach()
 
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.adversarial_examples(model, x)
+
+    def sample_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Per-point TRADES loss (B,): cross-entropy (0 without a label) plus beta times the point's KL."""
+        log_p = F.log_softmax(model(x), dim=1)
+        kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), log_p, reduction="none", log_target=True).sum(1)
+        return F.nll_loss(log_p, y, ignore_index=-1, reduction="none") + self.beta * kl
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = self.adversarial_examples(model, x)
         logits = model(x)
@@ -82,7 +91,28 @@ class PGDATLoss:
         _check_attack(eps, alpha, steps)
         self.name, self.eps, self.alpha, self.steps = name, eps, alpha, steps
 
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return pgd_attack(model, x, y, self.eps, self.alpha, self.steps, random_start=True)
+
+    def sample_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Per-point cross-entropy at the adversarial example (B,), 0 without a label."""
+        return F.cross_entropy(model(x_adv), y, ignore_index=-1, reduction="none")
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = pgd_attack(model, x, y, self.eps, self.alpha, self.steps, random_start=True)
         loss = labeled_cross_entropy(model(x_adv), y)
         return loss, {"loss": loss.detach(), "robust": loss.detach()}
+
+
+class WeightedLoss:
+    """A coreset's weighted training loss sum(g_j l_j) / sum(g_j) over a batch, l_j the adversarial loss' value at
+    point j; called with the batch's weights as a fourth argument."""
+
+    def __init__(self, loss: TradesLoss | PGDATLoss):
+        self.loss = loss
+        self.name = loss.name
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
+        losses = self.loss.sample_losses(model, x, y, self.loss.attack(model, x, y))
+        loss = (weights * losses).sum() / weights.sum().clamp_min(1e-12)
+        return loss, {"loss": loss.detach(), "weighted": loss.detach()}

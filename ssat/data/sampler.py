@@ -37,6 +37,9 @@ class SSATBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        # Positions to draw from within each part (an adaptive coreset's); None: the whole part.
+        self.labeled_subset: torch.Tensor | None = None
+        self.unlabeled_subset: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -44,17 +47,20 @@ class SSATBatchSampler(Sampler[list[int]]):
     def global_batches(self):
         """Every global batch of this epoch, before sharding."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_labeled, generator=gen)
+        labeled_ids = torch.arange(self.num_labeled) if self.labeled_subset is None else self.labeled_subset
+        order = labeled_ids[torch.randperm(len(labeled_ids), generator=gen)]
         position = 0
         for _ in range(self.num_batches):
-            if position >= self.num_labeled:
-                order, position = torch.randperm(self.num_labeled, generator=gen), 0
+            if position >= len(labeled_ids):
+                order, position = labeled_ids[torch.randperm(len(labeled_ids), generator=gen)], 0
             labeled = order[position:position + self.labeled_per_batch]
             position += len(labeled)
             parts = [labeled]
             if self.labeled_per_batch < self.batch_size:  # as RST: no unlabeled share, no top-up
                 fill = self.batch_size - len(labeled)
-                parts.append(self.num_labeled + torch.randint(self.num_unlabeled, (fill,), generator=gen))
+                subset = self.unlabeled_subset
+                drawn = torch.randint(self.num_unlabeled if subset is None else len(subset), (fill,), generator=gen)
+                parts.append(self.num_labeled + (drawn if subset is None else subset[drawn]))
             batch = torch.cat(parts)
             yield batch[torch.randperm(len(batch), generator=gen)]
 

@@ -24,6 +24,7 @@ class LabeledAndSelected(Dataset):
         self.selection = selection[order]
         self.pseudo_labels = (np.zeros(0, dtype=np.int64) if pseudo_labels is None
                               else np.asarray(pseudo_labels, dtype=np.int64)[order])
+        self.weights: np.ndarray | None = None  # per-index loss weights (a coreset's); batches then carry them
 
     @property
     def num_labeled(self) -> int:
@@ -32,8 +33,8 @@ class LabeledAndSelected(Dataset):
     def __len__(self) -> int:
         return self.num_labeled + len(self.selection)
 
-    def __getitems__(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch in one read: uint8 images (B, C, H, W) and int64 labels (B,)."""
+    def __getitems__(self, indices) -> tuple[torch.Tensor, ...]:
+        """A whole batch in one read: uint8 images (B, C, H, W), int64 labels (B,) and, when set, weights (B,)."""
         idx = np.asarray(indices, dtype=np.int64)
         labeled = idx < self.num_labeled
         images = np.empty((len(idx), *self.labeled_images.shape[1:]), dtype=np.uint8)
@@ -44,11 +45,12 @@ class LabeledAndSelected(Dataset):
             positions = idx[~labeled] - self.num_labeled
             images[~labeled] = self.pool_images[self.selection[positions]]
             labels[~labeled] = self.pseudo_labels[positions]
+        if self.weights is not None:
+            return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(self.weights[idx])
         return torch.from_numpy(images), torch.from_numpy(labels)
 
     def __getitem__(self, index: int):
-        images, labels = self.__getitems__([index])
-        return images[0], labels[0]
+        return tuple(part[0] for part in self.__getitems__([index]))
 
 
 def batch_as_is(batch):

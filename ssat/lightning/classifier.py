@@ -54,15 +54,15 @@ class RobustClassifierModule(L.LightningModule):
         return self.model(x)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
+        x, y, *weights = batch  # weights: a coreset's per-point loss weights
         x = x.float().div_(255.0)
         if self.trainer is not None and self.trainer.training:
             x = augment(x, **self.augment)
-        return x, y
+        return x, y, *weights
 
     def training_step(self, batch, batch_idx: int):
-        x, y = batch
-        loss, logs = self.train_loss(self.model, x, y)
+        x, y, *weights = batch
+        loss, logs = self.train_loss(self.model, x, y, *weights)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()} at epoch {self.current_epoch}, "
                                      f"batch {batch_idx}; lower the learning rate")

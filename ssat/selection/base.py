@@ -11,13 +11,28 @@ from ssat.errors import ConfigError
 
 @dataclass
 class PoolEmbedding:
-    """What the selection model says about the pool: penultimate features (N, D) and logits (N, K)."""
+    """What the selection model says about the candidates: penultimate features (N, D) and logits (N, K).
+
+    ``images`` and ``labels`` are the candidates themselves, for selectors that train on them; labels exist only
+    when the candidates are labeled (``selection.target=labeled``).
+    """
 
     features: np.ndarray
     logits: np.ndarray
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def pseudo_classes(self, chunk: int = 65536) -> np.ndarray:
+        """The selection model's predicted class (argmax of the logits), read in chunks of rows."""
+        return np.concatenate([np.asarray(self.logits[s:s + chunk]).argmax(1) for s in range(0, len(self), chunk)]
+                              or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
+    def classes(self) -> np.ndarray:
+        """The true class where known, else the pseudo-class."""
+        return self.pseudo_classes() if self.labels is None else np.asarray(self.labels, dtype=np.int64)
 
 
 @dataclass
@@ -61,14 +76,49 @@ def mix_boundary_random(scores: np.ndarray | None, n: int, boundary_fraction: fl
     return Selection(indices, scores.astype(np.float64), np.ones(n, dtype=np.float32), is_boundary)
 
 
+def class_shares(classes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classes present and how many of n points each gets: the same fraction of every class (largest
+    remainders get the points rounding leaves over)."""
+    values, counts = np.unique(classes, return_counts=True)
+    exact = n * counts / counts.sum()
+    take = np.floor(exact).astype(np.int64)
+    take[np.argsort(-(exact - take), kind="stable")[:n - take.sum()]] += 1
+    return values, take
+
+
+def mix_per_class(scores: np.ndarray | None, n: int, boundary_fraction: float, rng: np.random.Generator,
+                  classes: np.ndarray) -> Selection:
+    """The boundary/random rule inside every class, each class getting the same share of its points, so that
+    a score that favours some classes cannot drain the others."""
+    n_pool = len(classes)
+    scores = np.full(n_pool, np.nan) if scores is None else np.asarray(scores, dtype=np.float64)
+    boundary, rest = [], []
+    for value, take in zip(*class_shares(classes, n)):
+        members = np.flatnonzero(classes == value)
+        part = mix_boundary_random(scores[members], int(take), boundary_fraction, rng, len(members))
+        boundary.append(members[part.indices[part.is_boundary]])
+        rest.append(members[part.indices[~part.is_boundary]])
+    boundary_idx = np.concatenate(boundary)
+    boundary_idx = boundary_idx[np.argsort(scores[boundary_idx], kind="stable")]
+    indices = np.concatenate([boundary_idx, np.sort(np.concatenate(rest))]).astype(np.int64)
+    is_boundary = np.zeros(n, dtype=bool)
+    is_boundary[:len(boundary_idx)] = True
+    return Selection(indices, scores, np.ones(n, dtype=np.float32), is_boundary)
+
+
 class Selector:
     """Base of the score-based selectors: subclasses implement ``score`` (lower = closer to the boundary)."""
 
-    def __init__(self, name: str, boundary_fraction: float = 0.0):
+    def __init__(self, name: str, boundary_fraction: float = 0.0, class_balanced: bool = False):
         if not 0 <= boundary_fraction <= 1:
             raise ConfigError(f"selector.boundary_fraction={boundary_fraction} is outside [0, 1]")
         self.name = name
         self.boundary_fraction = boundary_fraction
+        self.class_balanced = class_balanced
+
+    def check(self, num_candidates: int, has_labels: bool) -> None:
+        """Settings that depend on the candidates (their number, whether they are labeled), checked before
+        any training; the default selector needs nothing."""
 
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray | None:
         raise NotImplementedError
@@ -79,4 +129,7 @@ class Selector:
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
         n = self.num_selected(budget, len(pool))
         scores = self.score(pool, seed) if self.boundary_fraction > 0 else None
-        return mix_boundary_random(scores, n, self.boundary_fraction, np.random.default_rng(seed), len(pool))
+        rng = np.random.default_rng(seed)
+        if self.class_balanced:
+            return mix_per_class(scores, n, self.boundary_fraction, rng, pool.classes())
+        return mix_boundary_random(scores, n, self.boundary_fraction, rng, len(pool))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ssat.errors import ConfigError
 from ssat.generation.guidance import GuidanceLoss
 from ssat.selection.simple import FullSelector
 
@@ -12,3 +13,8 @@ class GuidedGeneration(FullSelector):
     def __init__(self, name: str, guidance: GuidanceLoss):
         super().__init__(name)
         self.guidance = guidance
+
+    def check(self, num_candidates: int, has_labels: bool) -> None:
+        if has_labels:
+            raise ConfigError(f"selector={self.name} generates the unlabeled pool; selection.target=labeled does "
+                              f"not apply to it (use selection.target=pool)")

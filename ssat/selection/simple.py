@@ -23,10 +23,10 @@ class FullSelector(Selector):
 
 
 class RandomSelector(Selector):
-    """Uniform sampling without replacement: the boundary/random rule with b = 0."""
+    """Uniform sampling without replacement: the boundary/random rule with b = 0 (stratified when class_balanced)."""
 
-    def __init__(self, name: str = "random"):
-        super().__init__(name, boundary_fraction=0.0)
+    def __init__(self, name: str = "random", class_balanced: bool = False):
+        super().__init__(name, boundary_fraction=0.0, class_balanced=class_balanced)
 
 
 def max_softmax(logits: np.ndarray, chunk: int = 65536) -> np.ndarray:

@@ -9,9 +9,12 @@ import numpy as np
 
 
 def pseudo_label(logits: np.ndarray, selection: np.ndarray, out_dir: Path,
-                 hidden_labels: np.ndarray | None = None) -> dict[str, Any]:
-    """Writes pseudo_labels.npy aligned with selection; reports their accuracy when the hidden labels exist."""
-    labels = np.asarray(logits[selection]).argmax(axis=1).astype(np.int64)
+                 hidden_labels: np.ndarray | None = None, known_labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Writes pseudo_labels.npy aligned with selection; reports their accuracy when the hidden labels exist.
+
+    Labeled candidates (``known_labels``, selection.target=labeled) keep their true labels."""
+    labels = (np.asarray(logits[selection]).argmax(axis=1) if known_labels is None
+              else np.asarray(known_labels)[selection]).astype(np.int64)
     np.save(out_dir / "pseudo_labels.npy", labels)
     info: dict[str, Any] = {"labeled": int(len(labels))}
     if hidden_labels is not None:

@@ -20,8 +20,11 @@ def select_pool(selector: Selector, pool: PoolEmbedding, budget: float, seed: in
     np.save(out_dir / "scores.npy", selection.scores)
     np.save(out_dir / "weights.npy", selection.weights)
     np.save(out_dir / "is_boundary.npy", selection.is_boundary)
+    # What training uses: the selection, or the coreset an adaptive selector draws from it during training.
+    used = min(len(selection.indices), selector.num_selected(budget, len(pool)))
     return {
-        "selected": int(len(selection.indices)),
+        "candidates": int(len(pool)),
+        "selected": int(used),
         "boundary": selection.num_boundary,
-        "random": int(len(selection.indices) - selection.num_boundary),
+        "random": int(used - selection.num_boundary),
     }

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from torch import nn
 
+from ssat.attacks.losses import WeightedLoss
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.splits import SemiSupervisedData
 from ssat.data.training_set import LabeledAndSelected
+from ssat.lightning.coreset import CoresetReselection
+from ssat.selection.coreset import CoresetSelector
 from ssat.stages.training import TrainerFactory, fit
 
 
@@ -19,11 +23,24 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
                unsup_fraction: float, batches_per_epoch: int | None, optim: dict[str, Any],
                augment: dict[str, Any], eval_batch_size: int, val_pgd: dict[str, Any], seed: int,
                rank: int = 0, world_size: int = 1, ema: dict[str, Any] | None = None,
-               patience: int | None = None) -> dict[str, Any]:
-    """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy, EMA weights if ema)."""
+               patience: int | None = None, coreset: CoresetSelector | None = None,
+               coreset_size: int = 0) -> dict[str, Any]:
+    """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy, EMA weights if ema).
+
+    With a ``coreset`` selector the selection is its candidates: training draws from a weighted coreset of
+    ``coreset_size`` of them (an epoch is then as long as labeled + coreset), re-chosen during training."""
     train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels, data.pool_images, selection,
                                    pseudo_labels)
+    if coreset is not None and batches_per_epoch is None:  # one pass over the coreset and the rest
+        candidates = len(selection) or train_set.num_labeled
+        batches_per_epoch = math.ceil((len(train_set) - candidates + coreset_size) / batch_size)
     sampler = SSATBatchSampler(train_set.num_labeled, len(selection), batch_size, unsup_fraction,
                                batches_per_epoch, seed=seed, rank=rank, world_size=world_size)
-    return fit(model, train_loss, train_set, sampler, data.val_images, data.val_labels,
-               out_dir, make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, ema, patience)
+    if coreset is None:
+        return fit(model, train_loss, train_set, sampler, data.val_images, data.val_labels,
+                   out_dir, make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, ema, patience)
+    reselection = CoresetReselection(coreset, train_set, sampler, train_loss, coreset_size, epochs, seed, out_dir)
+    info = fit(model, WeightedLoss(train_loss), train_set, sampler, data.val_images, data.val_labels, out_dir,
+               make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, ema, patience,
+               callbacks=(reselection,))
+    return {**info, **reselection.summary()}

@@ -34,7 +34,7 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         sampler: SSATBatchSampler, val_images: np.ndarray, val_labels: np.ndarray, out_dir: Path,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
         eval_batch_size: int, val_pgd: dict[str, Any] | None, ema: dict[str, Any] | None = None,
-        patience: int | None = None) -> dict[str, Any]:
+        patience: int | None = None, callbacks: tuple = ()) -> dict[str, Any]:
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
     resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt.
 
@@ -46,7 +46,7 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
                                  auto_insert_metric_name=False)
-    callbacks: list = [checkpoint]
+    callbacks = [checkpoint, *callbacks]
     if ema:
         callbacks.append(EMA(**ema))
     if patience:

@@ -66,6 +66,11 @@ def check_config(cfg: DictConfig) -> None:
     for stage in ("intermediate", "ssat"):
         if cfg[stage].epochs < 1:
             raise ConfigError(f"{stage}.epochs={cfg[stage].epochs} must be at least 1")
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible; "
+                          f"use trainer=cpu")
+    if cfg.loader.num_workers < 0:
+        raise ConfigError(f"loader.num_workers={cfg.loader.num_workers} must not be negative")
 
 
 def load_data(cfg: DictConfig) -> SemiSupervisedData:
@@ -147,7 +152,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         L.seed_everything(cfg.seed, verbose=False)
         return train_intermediate(build_model(cfg), data, out, make_trainer, inter_loss, inter_cfg.epochs,
                                   inter_cfg.batch_size, inter_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                                  cfg.seed)
+                                  cfg.seed, loader=dict(cfg.loader))
 
     intermediate = run_stage(
         "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
@@ -190,7 +195,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return train_ssat(build_model(cfg), data, selection, pseudo_labels, out, make_trainer, ssat_loss,
                           ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction,
                           ssat_cfg.batches_per_epoch, ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                          dict(cfg.eval.val_pgd), cfg.seed)
+                          dict(cfg.eval.val_pgd), cfg.seed, loader=dict(cfg.loader))
 
     trained = run_stage(
         "ssat", f"{ssat_loss.name} on {sizes['labeled']} labeled + {len(selection)} pseudo-labeled, "

@@ -18,11 +18,11 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
                out_dir: Path, make_trainer: TrainerFactory, train_loss: Callable, epochs: int, batch_size: int,
                unsup_fraction: float, batches_per_epoch: int | None, optim: dict[str, Any],
                augment: dict[str, Any], eval_batch_size: int, val_pgd: dict[str, Any], seed: int,
-               rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+               rank: int = 0, world_size: int = 1, loader: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy)."""
     train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels, data.pool_images, selection,
                                    pseudo_labels)
     sampler = SSATBatchSampler(train_set.num_labeled, len(selection), batch_size, unsup_fraction,
                                batches_per_epoch, seed=seed, rank=rank, world_size=world_size)
     return fit(model, train_loss, train_set, sampler, data.val_images, data.val_labels,
-               out_dir, make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd)
+               out_dir, make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, loader)

@@ -30,10 +30,19 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def train_loader(train_set: LabeledAndSelected, sampler: SSATBatchSampler, num_workers: int = 0,
+                 pin_memory: bool = True) -> DataLoader:
+    """uint8 batches read whole (one __getitems__ per batch) by ``num_workers`` processes ahead of the model;
+    pinned when a GPU is present so that the copy to it overlaps compute."""
+    return DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is, num_workers=num_workers,
+                      pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
 def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         sampler: SSATBatchSampler, val_images: np.ndarray, val_labels: np.ndarray, out_dir: Path,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
-        eval_batch_size: int, val_pgd: dict[str, Any] | None) -> dict[str, Any]:
+        eval_batch_size: int, val_pgd: dict[str, Any] | None, loader: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
     resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt."""
     module = RobustClassifierModule(model, train_loss, optim, epochs, augment, val_pgd)
@@ -42,10 +51,9 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
                                  auto_insert_metric_name=False)
     trainer = make_trainer(stage, out_dir, epochs, [checkpoint], len(sampler))
-    train_loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is)
     val_loader = eval_loader(val_images, val_labels, eval_batch_size)
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, train_loader, val_loader, ckpt_path=last if last.exists() else None)
+    trainer.fit(module, train_loader(train_set, sampler, **(loader or {})), val_loader, ckpt_path=last if last.exists() else None)
     best = torch.load(checkpoint.best_model_path or last, map_location="cpu", weights_only=False)
     state = {k.removeprefix("model."): v for k, v in best["state_dict"].items() if k.startswith("model.")}
     torch.save(state, out_dir / "model.pt")

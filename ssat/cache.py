@@ -7,6 +7,7 @@ a folder without the ``.partial`` suffix is always complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,9 +19,14 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ssat import distributed
+from ssat.errors import WriteError
+
 # Bump when a stage's computation changes so that old artifacts are not reused.
 CACHE_VERSION = 1
 RECORD = "record.json"
+# What a full disk, a quota, a file-size limit or a read-only / missing folder raise while writing.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 def _plain(value: Any) -> Any:
@@ -66,8 +72,24 @@ class StageResult:
     info: dict[str, Any]
 
 
+def check_writable(directory: str | Path, what: str) -> None:
+    """Create ``directory`` and write a file in it, so that an unwritable output fails now, not after training."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise WriteError(f"{what}={directory} is not writable: {err.strerror}") from None
+
+
 class StageCache:
-    """Runs each stage at most once per key; later calls return the committed artifacts."""
+    """Runs each stage at most once per key; later calls return the committed artifacts.
+
+    Under DDP (ssat.distributed) a ``distributed`` stage computes on every rank and any other on rank 0 alone;
+    either way only rank 0 commits, and the other ranks read the committed record.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -75,7 +97,8 @@ class StageCache:
     def path(self, name: str, key: str) -> Path:
         return self.root / name / key
 
-    def run(self, name: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]]) -> StageResult:
+    def run(self, name: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]],
+            distributed_stage: bool = False) -> StageResult:
         key = stage_key(name, inputs)
         final = self.path(name, key)
         record_file = final / RECORD
@@ -83,11 +106,25 @@ class StageCache:
             record = json.loads(record_file.read_text())
             return StageResult(name, key, final, record["seconds"], True, record["info"])
         work = final.with_name(key + ".partial")
-        work.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(work / "inputs.json", {k: _plain(v) for k, v in inputs.items()})
-        start = time.perf_counter()
-        info = compute(work)
-        seconds = time.perf_counter() - start
-        write_json_atomic(work / RECORD, {"stage": name, "key": key, "seconds": seconds, "info": info})
-        os.rename(work, final)
+        lead = distributed.rank() == 0
+        try:
+            if lead:
+                work.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(work / "inputs.json", {k: _plain(v) for k, v in inputs.items()})
+            distributed.barrier()
+            start = time.perf_counter()
+            info = compute(work) if lead or distributed_stage else None
+            seconds = time.perf_counter() - start
+            if lead:
+                write_json_atomic(work / RECORD, {"stage": name, "key": key, "seconds": seconds, "info": info})
+                os.rename(work, final)
+        except OSError as err:
+            if err.errno not in WRITE_ERRNOS:
+                raise
+            raise WriteError(f"stage {name} could not write {err.filename or work}: {err.strerror}; its unfinished "
+                             f"work stays in {work}, which no run takes as complete") from None
+        distributed.barrier()
+        if not lead:
+            record = json.loads(record_file.read_text())
+            seconds, info = record["seconds"], record["info"]
         return StageResult(name, key, final, seconds, False, info)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from ssat.errors import ConfigError, SsatError
+from ssat.errors import ConfigError, SsatError, WriteError
 
 
 def group_options(group: str) -> list[str]:
@@ -33,6 +34,18 @@ def check_group_choices(overrides: list[str]) -> None:
         for choice in value.split(","):
             if choice not in options:
                 raise ConfigError(f"unknown {key} '{choice}'; choose one of: {', '.join(options)}")
+
+
+def check_output_overrides(overrides: list[str]) -> None:
+    """A run or sweep dir under a regular file fails here in one line; Hydra would fail creating it with a trace."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir"):
+            continue
+        path = Path(value.strip("'\"").split("${", 1)[0] or ".").absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise WriteError(f"{key}={value} cannot be created: {existing} is a file, not a folder")
 
 
 def build(node, **kwargs):

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ssat import distributed
 from ssat.attacks import CrossEntropyLoss, PGDATLoss
 from ssat.config import build
-from ssat.cache import StageCache, StageResult, write_json_atomic
+from ssat.cache import StageCache, StageResult, check_writable, write_json_atomic
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
 from ssat.data.pools import MemmapImages
@@ -120,6 +121,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Runs (or reuses) every stage for this config and writes the run directory's artifacts."""
     started = time.perf_counter()
     check_config(cfg)
+    check_writable(cfg.cache_dir, "cache_dir")
+    check_writable(run_dir, "hydra.run.dir")
+    distributed.launch(cfg.trainer)  # under trainer=ddp the other ranks start here and run all that follows
     data = load_data(cfg)  # first: it fills dataset.num_classes, which selectors may interpolate
     selector = build(cfg.selector)
     ssat_loss = build(cfg.attack)
@@ -137,9 +141,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     plan = [*(generation_stages(cfg) if generative else ()), *STAGES]
 
-    def run_stage(name: str, what: str, inputs: dict[str, Any], compute) -> StageResult:
+    def run_stage(name: str, what: str, inputs: dict[str, Any], compute, distributed_stage: bool = False):
+        """``distributed_stage``: every rank computes it (training, embed); otherwise rank 0 alone."""
         log.info("[%d/%d] %s: %s", len(results) + 1, len(plan), name, what)
-        result = cache.run(name, inputs, compute)
+        result = cache.run(name, inputs, compute, distributed_stage)
         _report_stage(result)
         results[name] = result
         return result
@@ -152,12 +157,13 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         L.seed_everything(cfg.seed, verbose=False)
         return train_intermediate(build_model(cfg), data, out, make_trainer, inter_loss, inter_cfg.epochs,
                                   inter_cfg.batch_size, inter_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                                  cfg.seed, loader=dict(cfg.loader))
+                                  cfg.seed, distributed.rank(), distributed.world_size(), dict(cfg.loader))
 
     intermediate = run_stage(
         "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
         f"{inter_cfg.epochs} epochs",
-        {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate)
+        {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate,
+        distributed_stage=True)
 
     def selection_model():
         return load_weights(build_model(cfg), intermediate.path / "model.pt")
@@ -173,7 +179,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "embed", f"features of {sizes['pool']} pool images", {"intermediate": intermediate.key,
                                                                    "pool": pool_source, "dtype": cfg.embed.dtype},
         lambda out: embed_pool(selection_model(), data.pool_images, out, cfg.embed.batch_size, device,
-                               cfg.embed.dtype))
+                               cfg.embed.dtype), distributed_stage=True)
     pool_embedding = load_embedding(embedded.path)
 
     selected = run_stage(
@@ -195,13 +201,14 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return train_ssat(build_model(cfg), data, selection, pseudo_labels, out, make_trainer, ssat_loss,
                           ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction,
                           ssat_cfg.batches_per_epoch, ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                          dict(cfg.eval.val_pgd), cfg.seed, loader=dict(cfg.loader))
+                          dict(cfg.eval.val_pgd), cfg.seed, distributed.rank(), distributed.world_size(),
+                          dict(cfg.loader))
 
     trained = run_stage(
         "ssat", f"{ssat_loss.name} on {sizes['labeled']} labeled + {len(selection)} pseudo-labeled, "
         f"{ssat_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "ssat": ssat_cfg, "attack": cfg.attack, "val_pgd": cfg.eval.val_pgd,
-         "pseudo_label": labelled.key, "seed": cfg.seed}, compute_ssat)
+         "pseudo_label": labelled.key, "seed": cfg.seed}, compute_ssat, distributed_stage=True)
 
     def compute_evaluate(out: Path):
         L.seed_everything(cfg.seed, verbose=False)
@@ -236,7 +243,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "stage_keys": {name: r.key for name, r in results.items()},
         "wall_seconds": time.perf_counter() - started,
     }
-    write_run_dir(run_dir, results, summary)
+    if distributed.rank() == 0:
+        write_run_dir(run_dir, results, summary)
     return summary
 
 
@@ -268,7 +276,7 @@ def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: Semi
             f"{gen.pretrain.epochs} epochs",
             {**data_inputs, "unet": gen.unet, "pretrain": gen.pretrain, "seed": cfg.seed},
             lambda out: ddpm_pretrain(data, out, make_trainer, OmegaConf.to_container(gen.unet), gen.pretrain.epochs,
-                                      gen.pretrain.batch_size, gen.pretrain.lr, cfg.seed))
+                                      gen.pretrain.batch_size, gen.pretrain.lr, cfg.seed), distributed_stage=True)
         source, source_key = str(pretrained.path / UNET_DIR), pretrained.key
     else:
         source = source_key = gen.pretrained
@@ -279,7 +287,7 @@ def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: Semi
          "finetune": gen.finetune, "seed": cfg.seed},
         lambda out: ddpm_finetune(data, selection_model(), source, out, make_trainer, selector.guidance, gen.lam,
                                   gen.finetune.epochs, gen.finetune.batch_size, gen.finetune.lr,
-                                  gen.finetune.bank_size, cfg.seed, device))
+                                  gen.finetune.bank_size, cfg.seed, device), distributed_stage=True)
     sampler = gen.sampler
 
     def sample_from(unet_dir: str, n: int, seed: int):

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssat.data.sampler import SSATBatchSampler
+from ssat.errors import TrainingDiverged
 from ssat.data.training_set import LabeledAndSelected, batch_as_is
 from ssat.lightning import RobustClassifierModule
 
@@ -44,16 +45,30 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
         eval_batch_size: int, val_pgd: dict[str, Any] | None, loader: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
-    resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt."""
+    resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt.
+
+    last.ckpt is written at the end of every epoch (Lightning writes a temporary file and renames it), so a run
+    killed at any moment resumes from its last finished epoch with the model, optimizer, scheduler, callback
+    states and epoch counter; the batch sampler's draw depends only on (seed, epoch), so it resumes with them.
+    """
     module = RobustClassifierModule(model, train_loss, optim, epochs, augment, val_pgd)
     monitor = "val/robust_acc" if val_pgd else "val/acc"
     ckpt_dir = out_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                  auto_insert_metric_name=False)
-    trainer = make_trainer(stage, out_dir, epochs, [checkpoint], len(sampler))
+    # Not save_last=True: Lightning then rewrites last.ckpt only in the epochs that improve best.ckpt.
+    every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
+    trainer = make_trainer(stage, out_dir, epochs, [checkpoint, every_epoch], len(sampler))
     val_loader = eval_loader(val_images, val_labels, eval_batch_size)
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, train_loader(train_set, sampler, **(loader or {})), val_loader, ckpt_path=last if last.exists() else None)
+    try:
+        trainer.fit(module, train_loader(train_set, sampler, **(loader or {})), val_loader,
+                    ckpt_path=last if last.exists() else None)
+    except TrainingDiverged as err:
+        kept = f"the last good checkpoint is kept: {last}" if last.exists() else "no epoch had finished"
+        raise TrainingDiverged(f"{stage}: {err}; {kept}") from None
+    if not trainer.is_global_zero:  # rank 0 writes the stage's artifacts and record
+        return {}
     best = torch.load(checkpoint.best_model_path or last, map_location="cpu", weights_only=False)
     state = {k.removeprefix("model."): v for k, v in best["state_dict"].items() if k.startswith("model.")}
     torch.save(state, out_dir / "model.pt")
@@ -65,4 +80,6 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         "best_val": float(score) if score is not None else None,
         "num_labeled": train_set.num_labeled,
         "num_unlabeled": len(train_set) - train_set.num_labeled,
+        "world_size": int(trainer.world_size),
+        "steps": int(trainer.global_step),
     }

@@ -148,10 +148,11 @@ class Bench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--batches", type=int, default=40, help="batches per measured epoch")
-    parser.add_argument("--warmup", type=int, default=5, help="batches of each epoch left out of the timing")
-    parser.add_argument("--rounds", type=int, default=7, help="Lightning/plain pairs, alternating which goes first")
+    parser.add_argument("--batches", type=int, default=24, help="batches per measured epoch")
+    parser.add_argument("--warmup", type=int, default=4, help="batches of each epoch left out of the timing")
+    parser.add_argument("--rounds", type=int, default=6, help="Lightning/plain pairs, alternating which goes first")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2, 4])
+    parser.add_argument("--worker-repeats", type=int, default=3, help="epochs per worker count (median)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer=gpu dataset=cifar10")
     args = parser.parse_args()
     if args.batches <= args.warmup:
@@ -176,7 +177,7 @@ def main() -> None:
                   f"({order[0]} first)", file=sys.stderr)
         workers = {}
         for w in args.workers:
-            workers[w] = statistics.median(bench.lightning(w) for _ in range(3))
+            workers[w] = statistics.median(bench.lightning(w) for _ in range(args.worker_repeats))
             print(f"workers {w}: {workers[w]:.1f} img/s", file=sys.stderr)
 
     lightning = statistics.median(r["lightning"] for r in rounds)

@@ -148,9 +148,9 @@ class Bench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--batches", type=int, default=24, help="batches per measured epoch")
+    parser.add_argument("--batches", type=int, default=30, help="batches per measured epoch")
     parser.add_argument("--warmup", type=int, default=4, help="batches of each epoch left out of the timing")
-    parser.add_argument("--rounds", type=int, default=6, help="Lightning/plain pairs, alternating which goes first")
+    parser.add_argument("--rounds", type=int, default=10, help="Lightning/plain pairs, alternating which goes first")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2, 4])
     parser.add_argument("--worker-repeats", type=int, default=3, help="epochs per worker count (median)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer=gpu dataset=cifar10")

@@ -296,11 +296,11 @@ def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: Semi
 
     parts = [run_stage("sample", f"{n_guided} images from the fine-tuned DDPM ({sampler.scheduler})",
                        {"ddpm": finetuned.key, "n": n_guided, "sampler": sampler, "seed": cfg.seed},
-                       sample_from(str(finetuned.path / UNET_DIR), n_guided, cfg.seed))]
+                       sample_from(str(finetuned.path / UNET_DIR), n_guided, cfg.seed), distributed_stage=True)]
     if n_plain > 0:
         parts.append(run_stage("sample_plain", f"{n_plain} images from the DDPM before fine-tuning",
                                {"ddpm": source_key, "n": n_plain, "sampler": sampler, "seed": cfg.seed + 1},
-                               sample_from(source, n_plain, cfg.seed + 1)))
+                               sample_from(source, n_plain, cfg.seed + 1), distributed_stage=True))
     pool = MemmapImages([part.path / IMAGES for part in parts])
     return [part.key for part in parts], replace(data, pool_images=pool, pool_hidden_labels=None)
 

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -146,5 +145,6 @@ def test_full_disk_fails_with_a_message_and_commits_nothing(tmp_path):
     assert "stage intermediate could not write" in line and "File too large" in line
     assert "Traceback" not in proc.stderr
     assert not any(cache.rglob("record.json"))
-    assert [p.name for p in (cache / "intermediate").iterdir()] == [p.name for p in cache.glob("intermediate/*.partial")]
+    partial = [p.name for p in cache.glob("intermediate/*.partial")]
+    assert partial and [p.name for p in (cache / "intermediate").iterdir()] == partial
     assert not any(cache.rglob("*.ckpt")) and not any(cache.rglob(".*.tmp-*"))

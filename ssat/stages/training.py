@@ -47,7 +47,7 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
     resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt.
 
-    last.ckpt is written at the end of every epoch (Lightning writes a temporary file and renames it), so a run
+    last.ckpt is written at the end of every epoch (whole or not at all: AtomicCheckpointIO), so a run
     killed at any moment resumes from its last finished epoch with the model, optimizer, scheduler, callback
     states and epoch counter; the batch sampler's draw depends only on (seed, epoch), so it resumes with them.
     """

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssat.data.sampler import SSATBatchSampler
-from ssat.errors import TrainingDiverged
 from ssat.data.training_set import LabeledAndSelected, batch_as_is
+from ssat.errors import TrainingDiverged
 from ssat.lightning import RobustClassifierModule
 
 # make_trainer(stage, out_dir, max_epochs, callbacks, batches_per_epoch) -> lightning.Trainer

@@ -12,13 +12,14 @@ when its holder dies (a killed or preempted job), so a stale lock never blocks; 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,9 +27,14 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ssat import distributed
+from ssat.errors import WriteError
+
 # Bump when a stage's computation changes so that old artifacts are not reused.
 CACHE_VERSION = 1
 RECORD = "record.json"
+# What a full disk, a quota, a file-size limit or a read-only / missing folder raise while writing.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 log = logging.getLogger("ssat")
 
@@ -91,8 +97,24 @@ class StageResult:
     info: dict[str, Any]
 
 
+def check_writable(directory: str | Path, what: str) -> None:
+    """Create ``directory`` and write a file in it, so that an unwritable output fails now, not after training."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise WriteError(f"{what}={directory} is not writable: {err.strerror}") from None
+
+
 class StageCache:
-    """Runs each stage at most once per key; later calls return the committed artifacts."""
+    """Runs each stage at most once per key; later calls return the committed artifacts.
+
+    Under DDP (ssat.distributed) a ``distributed`` stage computes on every rank and any other on rank 0 alone;
+    either way only rank 0 commits, and the other ranks read the committed record.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -100,16 +122,32 @@ class StageCache:
     def path(self, name: str, key: str) -> Path:
         return self.root / name / key
 
-    def run(self, name: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]]) -> StageResult:
+    def run(self, name: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]],
+            distributed_stage: bool = False) -> StageResult:
+        """The committed stage, or computed under the key's lock (rank 0 holds it for all the job's ranks).
+
+        With ``distributed_stage`` every DDP rank runs ``compute``; otherwise rank 0 alone, the others waiting.
+        """
         key = stage_key(name, inputs)
         final = self.path(name, key)
-        committed = self._committed(name, key)
-        if committed is not None:
-            return committed
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive(final.with_name(key + ".lock"), f"stage {name}"):
-            # Another job may have committed it while this one waited for the lock.
-            return self._committed(name, key) or self._compute(name, key, inputs, compute)
+        if distributed.world_size() == 1:  # ranks must decide together, so only a lone process takes this shortcut
+            committed = self._committed(name, key)
+            if committed is not None:
+                return committed
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock = exclusive(final.with_name(key + ".lock"), f"stage {name}") if distributed.rank() == 0 \
+                else nullcontext()
+            with lock:
+                distributed.barrier()  # every rank looks only once rank 0 holds the lock
+                # Another job may have committed it while this one waited for the lock.
+                return self._committed(name, key) or self._compute(name, key, inputs, compute, distributed_stage)
+        except OSError as err:
+            if err.errno not in WRITE_ERRNOS:
+                raise
+            raise WriteError(f"stage {name} could not write {err.filename or final.parent}: {err.strerror}; its "
+                             f"unfinished work stays in {final.with_name(key + '.partial')}, which no run takes as "
+                             f"complete") from None
 
     def _committed(self, name: str, key: str) -> StageResult | None:
         final = self.path(name, key)
@@ -119,15 +157,24 @@ class StageCache:
         record = json.loads(record_file.read_text())
         return StageResult(name, key, final, record["seconds"], True, record["info"])
 
-    def _compute(self, name: str, key: str, inputs: dict[str, Any],
-                 compute: Callable[[Path], dict[str, Any]]) -> StageResult:
+    def _compute(self, name: str, key: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]],
+                 distributed_stage: bool) -> StageResult:
         final = self.path(name, key)
+        record_file = final / RECORD
         work = final.with_name(key + ".partial")
-        work.mkdir(exist_ok=True)
-        write_json_atomic(work / "inputs.json", {k: _plain(v) for k, v in inputs.items()})
+        lead = distributed.rank() == 0
+        if lead:
+            work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(work / "inputs.json", {k: _plain(v) for k, v in inputs.items()})
+        distributed.barrier()
         start = time.perf_counter()
-        info = compute(work)
+        info = compute(work) if lead or distributed_stage else None
         seconds = time.perf_counter() - start
-        write_json_atomic(work / RECORD, {"stage": name, "key": key, "seconds": seconds, "info": info})
-        os.rename(work, final)
+        if lead:
+            write_json_atomic(work / RECORD, {"stage": name, "key": key, "seconds": seconds, "info": info})
+            os.rename(work, final)
+        distributed.barrier()
+        if not lead:
+            record = json.loads(record_file.read_text())
+            seconds, info = record["seconds"], record["info"]
         return StageResult(name, key, final, seconds, False, info)

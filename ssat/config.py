@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from importlib import resources, util
+from pathlib import Path
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from ssat.errors import ConfigError, SsatError
+from ssat.errors import ConfigError, SsatError, WriteError
 
 
 def group_options(group: str) -> list[str]:
@@ -50,6 +51,18 @@ def check_extras(overrides: list[str]) -> None:
             need = EXTRAS.get((key.lstrip("+~"), choice))
             if need is not None and util.find_spec(need[1]) is None:
                 raise ConfigError(f"{key}={choice} needs the extra '{need[0]}': pip install -e '.[{need[0]}]'")
+
+
+def check_output_overrides(overrides: list[str]) -> None:
+    """A run or sweep dir under a regular file fails here in one line; Hydra would fail creating it with a trace."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir"):
+            continue
+        path = Path(value.strip("'\"").split("${", 1)[0] or ".").absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise WriteError(f"{key}={value} cannot be created: {existing} is a file, not a folder")
 
 
 def build(node, **kwargs):

@@ -15,6 +15,14 @@ class DataError(SsatError):
     """A data set or pool that is missing, empty or malformed."""
 
 
+class WriteError(SsatError):
+    """An output that cannot be written: a full disk, a read-only or missing folder, a path under a file."""
+
+
+class TrainingDiverged(SsatError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
 def check_finite(array: np.ndarray, what: str = "features", batch_size: int = 65536) -> None:
     """One NaN or infinity turns every distance and likelihood into NaN: stop at the first, naming its row.
 

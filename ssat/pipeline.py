@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ssat import distributed
 from ssat.attacks import LOSSES, CrossEntropyLoss, PGDATLoss
 from ssat.attacks.autoattack import VERSIONS
 from ssat.config import build
-from ssat.cache import StageCache, StageResult, write_json_atomic
+from ssat.cache import StageCache, StageResult, check_writable, write_json_atomic
 from ssat.data.splits import SemiSupervisedData, take_test_subset
 from ssat.errors import ConfigError, DataError
 from ssat.data.pools import MemmapImages
@@ -72,6 +73,11 @@ def check_config(cfg: DictConfig) -> None:
     for stage in ("intermediate", "ssat"):
         if cfg[stage].epochs < 1:
             raise ConfigError(f"{stage}.epochs={cfg[stage].epochs} must be at least 1")
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible; "
+                          f"use trainer=cpu")
+    if cfg.loader.num_workers < 0:
+        raise ConfigError(f"loader.num_workers={cfg.loader.num_workers} must not be negative")
     if cfg.ssat.ema.decay is not None:
         EMA(**cfg.ssat.ema)  # its own checks, now rather than after the intermediate model has trained
     patience = cfg.ssat.early_stopping.patience
@@ -151,6 +157,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Runs (or reuses) every stage for this config and writes the run directory's artifacts."""
     started = time.perf_counter()
     check_config(cfg)
+    check_writable(cfg.cache_dir, "cache_dir")
+    check_writable(run_dir, "hydra.run.dir")
+    distributed.launch(cfg.trainer)  # under trainer=ddp the other ranks start here and run all that follows
     data = load_data(cfg)  # first: it fills dataset.num_classes, which selectors may interpolate
     selector = build(cfg.selector)
     ssat_loss = build(cfg.attack)
@@ -170,9 +179,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     plan = [*(generation_stages(cfg) if generative else ()), *STAGES]
 
-    def run_stage(name: str, what: str, inputs: dict[str, Any], compute) -> StageResult:
+    def run_stage(name: str, what: str, inputs: dict[str, Any], compute, distributed_stage: bool = False):
+        """``distributed_stage``: every rank computes it (training, embed); otherwise rank 0 alone."""
         log.info("[%d/%d] %s: %s", len(results) + 1, len(plan), name, what)
-        result = cache.run(name, inputs, compute)
+        result = cache.run(name, inputs, compute, distributed_stage)
         _report_stage(result)
         results[name] = result
         return result
@@ -185,12 +195,13 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         L.seed_everything(cfg.seed, verbose=False)
         return train_intermediate(build_model(cfg), data, out, make_trainer, inter_loss, inter_cfg.epochs,
                                   inter_cfg.batch_size, inter_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                                  cfg.seed)
+                                  cfg.seed, distributed.rank(), distributed.world_size(), dict(cfg.loader))
 
     intermediate = run_stage(
         "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
         f"{inter_cfg.epochs} epochs",
-        {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate)
+        {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate,
+        distributed_stage=True)
 
     def selection_model():
         return load_weights(build_model(cfg), intermediate.path / "model.pt")
@@ -206,7 +217,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     embedded = run_stage(
         "embed", f"features of {len(candidates)} {target.name} images",
         {"intermediate": intermediate.key, "pool": pool_source, "dtype": cfg.embed.dtype, "target": target.name},
-        lambda out: embed_pool(selection_model(), candidates, out, cfg.embed.batch_size, device, cfg.embed.dtype))
+        lambda out: embed_pool(selection_model(), candidates, out, cfg.embed.batch_size, device, cfg.embed.dtype),
+        distributed_stage=True)
     pool_embedding = replace(load_embedding(embedded.path), images=candidates, labels=target.known_labels(data))
 
     selected = run_stage(
@@ -231,8 +243,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return train_ssat(build_model(cfg), train_data, train_selection, train_labels, out, make_trainer, ssat_loss,
                           ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction,
                           ssat_cfg.batches_per_epoch, ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size,
-                          dict(cfg.eval.val_pgd), cfg.seed,
-                          ema=dict(ssat_cfg.ema) if ssat_cfg.ema.decay is not None else None,
+                          dict(cfg.eval.val_pgd), cfg.seed, distributed.rank(), distributed.world_size(),
+                          dict(cfg.loader), ema=dict(ssat_cfg.ema) if ssat_cfg.ema.decay is not None else None,
                           patience=ssat_cfg.early_stopping.patience, coreset=coreset, coreset_size=n_selected)
 
     trained = run_stage(
@@ -240,7 +252,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         f"pseudo-labeled, {ssat_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "ssat": ssat_cfg, "attack": cfg.attack, "val_pgd": cfg.eval.val_pgd,
          "pseudo_label": labelled.key, "seed": cfg.seed,
-         **({"coreset": {"selector": cfg.selector, "size": n_selected}} if coreset else {})}, compute_ssat)
+         **({"coreset": {"selector": cfg.selector, "size": n_selected}} if coreset else {})}, compute_ssat,
+        distributed_stage=True)
 
     def compute_evaluate(out: Path):
         L.seed_everything(cfg.seed, verbose=False)
@@ -300,7 +313,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "stage_dirs": {name: str(r.path) for name, r in results.items()},  # where the report finds the features
         "wall_seconds": time.perf_counter() - started,
     }
-    write_run_dir(run_dir, results, summary)
+    if distributed.rank() == 0:
+        write_run_dir(run_dir, results, summary)
     return summary
 
 
@@ -343,7 +357,8 @@ def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: Semi
             f"{gen.pretrain.epochs} epochs",
             {**data_inputs, "unet": gen.unet, "pretrain": gen.pretrain},
             lambda out: ddpm_pretrain(images, out, make_trainer, OmegaConf.to_container(gen.unet), gen.pretrain.epochs,
-                                      gen.pretrain.batch_size, gen.pretrain.lr, gen.pretrain.seed))
+                                      gen.pretrain.batch_size, gen.pretrain.lr, gen.pretrain.seed),
+            distributed_stage=True)
         source, source_key = str(pretrained.path / UNET_DIR), pretrained.key
     else:
         source = source_key = gen.pretrained
@@ -354,7 +369,7 @@ def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: Semi
          "finetune": gen.finetune, "seed": cfg.seed},
         lambda out: ddpm_finetune(data, selection_model(), source, out, make_trainer, selector.guidance, gen.lam,
                                   gen.finetune.epochs, gen.finetune.batch_size, gen.finetune.lr,
-                                  gen.finetune.bank_size, cfg.seed, device))
+                                  gen.finetune.bank_size, cfg.seed, device), distributed_stage=True)
     sampler = gen.sampler
 
     def sample_from(unet_dir: str, n: int, seed: int):
@@ -363,11 +378,11 @@ def generate_pool_stages(cfg: DictConfig, selector: GuidedGeneration, data: Semi
 
     parts = [run_stage("sample", f"{n_guided} images from the fine-tuned DDPM ({sampler.scheduler})",
                        {"ddpm": finetuned.key, "n": n_guided, "sampler": sampler, "seed": cfg.seed},
-                       sample_from(str(finetuned.path / UNET_DIR), n_guided, cfg.seed))]
+                       sample_from(str(finetuned.path / UNET_DIR), n_guided, cfg.seed), distributed_stage=True)]
     if n_plain > 0:
         parts.append(run_stage("sample_plain", f"{n_plain} images from the DDPM before fine-tuning",
                                {"ddpm": source_key, "n": n_plain, "sampler": sampler, "seed": cfg.seed + 1},
-                               sample_from(source, n_plain, cfg.seed + 1)))
+                               sample_from(source, n_plain, cfg.seed + 1), distributed_stage=True))
     pool = MemmapImages([part.path / IMAGES for part in parts])
     return [part.key for part in parts], replace(data, pool_images=pool, pool_hidden_labels=None)
 

@@ -12,7 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ssat.config import check_extras, check_group_choices
+from ssat import distributed
+from ssat.cache import WRITE_ERRNOS
+from ssat.config import check_extras, check_group_choices, check_output_overrides
 from ssat.errors import SsatError
 from ssat.pipeline import format_summary, run_pipeline
 
@@ -36,7 +38,12 @@ def main(cfg: DictConfig) -> float:
         summary = run_pipeline(cfg, run_dir)
     except SsatError as err:
         fail(str(err))
-    log.info("results in %s\n\n%s\n", run_dir / "results.json", format_summary(summary))
+    except OSError as err:  # a write outside the stages (run dir, logs); stages say which stage failed
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        fail(f"could not write {err.filename}: {err.strerror}")
+    if distributed.rank() == 0:
+        log.info("results in %s\n\n%s\n", run_dir / "results.json", format_summary(summary))
     return summary["robust_acc"]
 
 
@@ -44,6 +51,7 @@ def cli() -> None:
     try:
         check_group_choices(sys.argv[1:])
         check_extras(sys.argv[1:])
+        check_output_overrides(sys.argv[1:])
     except SsatError as err:
         fail(str(err))
     main()

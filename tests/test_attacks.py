@@ -256,3 +256,29 @@ def test_random_hflip_mirrors_some_images_and_keeps_the_others():
     mirrored = np.array([torch.equal(out[i], x[i].flip(-1)) for i in range(100)])
     assert (same ^ mirrored).all()
     assert 20 < mirrored.sum() < 80
+
+
+# ---------------------------------------------------------------- speed: attacks without parameter gradients
+
+
+@pytest.mark.parametrize("attack", ["pgd", "trades"])
+def test_attack_steps_build_no_graph_to_the_parameters(model, digits, attack):
+    """Inside an attack every forward pass sees frozen parameters (the graph reaches the input only); afterwards
+    the parameters require gradients again and the TRADES loss still reaches them."""
+    _, _, x, y = digits
+    model.train()
+    seen = []
+    handle = model.register_forward_hook(lambda m, i, o: seen.append((m.training, o.requires_grad,
+                                                                       any(p.requires_grad for p in m.parameters()))))
+    if attack == "pgd":
+        pgd_attack(model, x[:32], y[:32], eps=0.05, alpha=0.01, steps=3)
+        attack_calls = seen
+    else:
+        loss, _ = TradesLoss(eps=0.05, alpha=0.02, steps=3)(model, x[:32], y[:32])
+        attack_calls = [s for s in seen if not s[0]]  # eval mode: the clean target and the three steps
+        assert len(attack_calls) == 4 and [s[0] for s in seen].count(True) == 2  # loss: clean + adversarial
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+    handle.remove()
+    assert attack_calls and all(not training and not params_grad for training, _, params_grad in attack_calls)
+    assert all(p.requires_grad for p in model.parameters())

@@ -222,6 +222,32 @@ def test_interrupted_sampling_resumes_without_duplicates_or_gaps(tmp_path):
     assert len(np.unique(np.load(whole / "images.npy").reshape(10, -1), axis=0)) == 10
 
 
+def _sample_on_rank(rank: int, world_size: int, init_file: str, out_dir: str, args: dict) -> None:
+    """One DDP rank (gloo): the same seeded UNet as the single process, sampling its share of the pool."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        generate_pool(build_unet(8, 1, TINY_UNET), new_scheduler().config, out_dir, **args)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_sample_the_pool_a_single_process_samples(tmp_path):
+    """Each rank samples a contiguous share of the batches, each batch from its own generator; rank 0 assembles."""
+    args = dict(n=10, batch_size=3, seed=7, scheduler="ddpm", num_inference_steps=3)
+    torch.manual_seed(0)
+    single = tmp_path / "single"
+    info = generate_pool(build_unet(8, 1, TINY_UNET), new_scheduler().config, single, **args)
+    assert "ranks" not in info
+    sharded = tmp_path / "sharded"
+    torch.multiprocessing.spawn(_sample_on_rank, args=(2, str(tmp_path / "init"), str(sharded), args), nprocs=2)
+    np.testing.assert_array_equal(np.load(sharded / "images.npy"), np.load(single / "images.npy"))
+    assert sorted(p.name for p in sharded.iterdir()) == ["images.npy", "progress.json"]  # shards assembled, gone
+
+
 @pytest.mark.parametrize("selector, guidance_class", [
     ("pcg", ConfidenceGuidance), ("lcg_km", CentroidGapGuidance), ("lcg_gmm", GMMGapGuidance)])
 def test_selector_configs_build_their_guidance(selector, guidance_class):

@@ -120,24 +120,30 @@ def test_same_seed_and_epoch_repeat_set_epoch_changes():
     assert batches(make(8)) != epoch0
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("batch_size", [16, 15])
-def test_ddp_shards_partition_the_global_batch(batch_size):
-    """For world_size 2, the ranks' batches are disjoint by position and together make up the global batch."""
+def test_ddp_shards_are_disjoint_and_complete(batch_size, world_size):
+    """The ranks' batches split each global batch (the one a single process draws) between them, point for point,
+    every rank with its share of labeled and of unlabeled indices; over the epoch the ranks see different indices."""
     kwargs = dict(num_labeled=30, num_unlabeled=100, batch_size=batch_size, unsup_fraction=0.5,
                   num_batches=12, seed=4)
-    ranks = [SSATBatchSampler(**kwargs, rank=r, world_size=2) for r in range(2)]
+    ranks = [SSATBatchSampler(**kwargs, rank=r, world_size=world_size) for r in range(world_size)]
     for s in ranks:
         s.set_epoch(3)
     single = SSATBatchSampler(**kwargs)
     single.set_epoch(3)
-    global_batches = [b.tolist() for b in ranks[0].global_batches()]
-    assert global_batches == batches(single)
-    shard0, shard1 = batches(ranks[0]), batches(ranks[1])
-    assert len(shard0) == len(shard1) == 12
-    for g, s0, s1 in zip(global_batches, shard0, shard1):
-        assert s0 == g[0::2] and s1 == g[1::2]  # disjoint positions
-        assert Counter(s0) + Counter(s1) == Counter(g)
-        assert abs(len(s0) - len(s1)) <= 1
+    global_batches = batches(single)
+    shards = [batches(s) for s in ranks]
+    assert all(len(shard) == 12 for shard in shards)
+    for i, g in enumerate(global_batches):
+        parts = [shard[i] for shard in shards]
+        assert sum((Counter(p) for p in parts), Counter()) == Counter(g)  # the ranks split the batch slot for slot
+        for kind in (lambda j: j < 30, lambda j: j >= 30):
+            counts = [sum(map(kind, p)) for p in parts]
+            assert max(counts) - min(counts) <= 1
+            assert sum(counts) == sum(map(kind, g))
+    seen = [set().union(*shard) for shard in shards]
+    assert all(a != b for a in seen for b in seen if a is not b)
 
 
 def test_no_unsupervised_share_means_no_top_up():

@@ -2,7 +2,7 @@
 
 from ssat.attacks.autoattack import AutoAttack
 from ssat.attacks.losses import CrossEntropyLoss, PGDATLoss, TradesLoss
-from ssat.attacks.pgd import LOSSES, eval_mode, pgd_attack, project_linf
+from ssat.attacks.pgd import LOSSES, attack_mode, eval_mode, pgd_attack, project_linf
 
-__all__ = ["AutoAttack", "CrossEntropyLoss", "LOSSES", "PGDATLoss", "TradesLoss", "eval_mode", "pgd_attack",
-           "project_linf"]
+__all__ = ["AutoAttack", "CrossEntropyLoss", "LOSSES", "PGDATLoss", "TradesLoss", "attack_mode", "eval_mode",
+           "pgd_attack", "project_linf"]

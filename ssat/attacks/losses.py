@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssat.attacks.pgd import eval_mode, pgd_attack, project_linf
+from ssat.attacks.pgd import attack_mode, pgd_attack, project_linf
 from ssat.errors import ConfigError
 
 
@@ -41,7 +41,8 @@ class CrossEntropyLoss:
 class TradesLoss:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL.
 
-    The clean softmax that the attack steps aim away from is computed once per batch, in eval mode.
+    The clean softmax that the attack steps aim away from is computed once per batch, in eval mode (the original
+    code recomputes it at every step), and the loss reuses one train-mode clean forward for both terms.
     """
 
     def __init__(self, name: str = "trades", eps: float = 0.031, alpha: float = 0.007, steps: int = 10,
@@ -52,7 +53,7 @@ class TradesLoss:
         self.name, self.eps, self.alpha, self.steps, self.beta = name, eps, alpha, steps, beta
 
     def adversarial_examples(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with eval_mode(model):
+        with attack_mode(model):
             with torch.no_grad():
                 log_p_clean = F.log_softmax(model(x), dim=1)
             x_adv = project_linf(x + 0.001 * torch.randn_like(x), x, self.eps)

@@ -20,6 +20,21 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+@contextmanager
+def attack_mode(model: nn.Module):
+    """Eval mode with the parameters frozen: the graph of an attack step is built for the input gradient only,
+    so no tensor is kept and no kernel runs for a weight gradient, however the step differentiates."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with eval_mode(model):
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
 def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """Back into the eps-ball around x and into the image range [0, 1]."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
@@ -68,7 +83,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, a
     if steps == 0:
         return x.detach().clone()
     objective = LOSSES[loss]
-    with eval_mode(model), torch.enable_grad():
+    with attack_mode(model), torch.enable_grad():
         x = x.detach()
         x_adv = _pgd(model, x, y, eps, alpha, steps, random_start, objective)
         for _ in range(restarts - 1):

@@ -18,7 +18,8 @@ class SSATBatchSampler(Sampler[list[int]]):
     unlabeled indices drawn uniformly with replacement, then shuffled. An epoch is ``num_batches`` batches
     (RST: a fixed number whatever the pool size) or, when None, one pass over labeled plus unlabeled.
     The draw depends only on (seed, epoch), so a resumed run sees the same batches. With ``world_size > 1``
-    each rank yields its strided share of every global batch.
+    each rank yields its share of every global batch: a strided slice of its labeled and of its unlabeled
+    indices, so the ranks' shards are disjoint, together make up the global batch, and each keeps its proportion.
     """
 
     def __init__(self, num_labeled: int, num_unlabeled: int, batch_size: int, unsup_fraction: float,
@@ -66,7 +67,12 @@ class SSATBatchSampler(Sampler[list[int]]):
 
     def __iter__(self):
         for batch in self.global_batches():
-            yield batch[self.rank::self.world_size].tolist()
+            if self.world_size == 1:
+                yield batch.tolist()
+                continue
+            labeled = batch < self.num_labeled  # every rank an equal share of each kind (within one point)
+            yield torch.cat([batch[labeled][self.rank::self.world_size],
+                             batch[~labeled][self.rank::self.world_size]]).tolist()
 
     def __len__(self) -> int:
         return self.num_batches

@@ -2,12 +2,15 @@
 
 Batch b draws all its noise from its own generator seeded from (seed, b), so which images come out depends
 only on (seed, batch size, sampler), not on how often the run was interrupted: a resumed run writes exactly the
-images an uninterrupted one would, with no duplicates and no gaps.
+images an uninterrupted one would, with no duplicates and no gaps. For the same reason, under DDP each rank
+samples its contiguous share of the batches (each batch with its own generator) into its own folder and rank 0
+assembles them: the pool is the one a single process samples, bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from ssat import distributed
 from ssat.attacks import eval_mode
 from ssat.cache import write_json_atomic
 from ssat.errors import ConfigError
@@ -83,18 +87,48 @@ def generate_pool(unet: UNet2DModel, scheduler_config: dict, out_dir: Path, n: i
     sampler = make_sampler(dict(scheduler_config), scheduler, num_inference_steps)
     size = unet.config.sample_size
     shape = [unet.config.in_channels, *((size, size) if isinstance(size, int) else size)]
-    layout = {"rows": n, "shape": shape, "batch_size": batch_size, "seed": seed, "scheduler": scheduler,
+    layout = {"shape": shape, "batch_size": batch_size, "seed": seed, "scheduler": scheduler,
               "num_inference_steps": len(sampler.timesteps)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"num_images": n, "scheduler": scheduler, "steps": len(sampler.timesteps)}
+    rank, world_size = distributed.rank(), distributed.world_size()
+    if world_size == 1:
+        return {**info, "resumed_at": _sample_rows(unet, sampler, out_dir, 0, n, layout, device)}
+    batches = -(-n // batch_size)
+    cuts = [min(n, int(b) * batch_size) for b in np.linspace(0, batches, world_size + 1).round()]
+    shards = [out_dir / f"rank{r}of{world_size}" for r in range(world_size)]
+    resumed_at = 0
+    if cuts[rank + 1] > cuts[rank]:
+        shards[rank].mkdir(exist_ok=True)
+        resumed_at = _sample_rows(unet, sampler, shards[rank], cuts[rank], cuts[rank + 1] - cuts[rank], layout,
+                                  device)
+    distributed.barrier()
+    if rank == 0:
+        images = open_memmap(out_dir / IMAGES, mode="w+", dtype=np.uint8, shape=(n, *shape))
+        for r, shard in enumerate(shards):
+            if cuts[r + 1] > cuts[r]:
+                images[cuts[r]:cuts[r + 1]] = np.load(shard / IMAGES, mmap_mode="r")
+        images.flush()
+        write_json_atomic(out_dir / PROGRESS, {**layout, "first_row": 0, "rows": n, "done": n})
+        for shard in shards:
+            shutil.rmtree(shard, ignore_errors=True)
+    return {**info, "resumed_at": resumed_at, "ranks": world_size}
+
+
+def _sample_rows(unet: UNet2DModel, sampler, out_dir: Path, first_row: int, rows: int, layout: dict[str, Any],
+                 device: torch.device | str) -> int:
+    """Rows [first_row, first_row + rows) of the pool into out_dir/images.npy; returns where it resumed."""
+    batch_size = layout["batch_size"]
+    layout = {**layout, "first_row": first_row, "rows": rows}
     images, done = _open_pool(out_dir, layout)
     unet = unet.to(device)
-    with eval_mode(unet), tqdm(total=n, initial=done, desc=f"sample ({scheduler})", unit="img") as bar:
-        for start in range(done, n, batch_size):
-            stop = min(start + batch_size, n)
-            images[start:stop] = denoise(unet, sampler, stop - start, batch_generator(seed, start // batch_size),
-                                         device)
+    with eval_mode(unet), tqdm(total=rows, initial=done, desc=f"sample ({layout['scheduler']})", unit="img") as bar:
+        for start in range(done, rows, batch_size):
+            stop = min(start + batch_size, rows)
+            generator = batch_generator(layout["seed"], (first_row + start) // batch_size)
+            images[start:stop] = denoise(unet, sampler, stop - start, generator, device)
             images.flush()
             write_json_atomic(out_dir / PROGRESS, {**layout, "done": stop})
             bar.update(stop - start)
-    return {"num_images": n, "resumed_at": int(done), "scheduler": scheduler, "steps": len(sampler.timesteps)}
+    return int(done)

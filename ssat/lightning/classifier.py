@@ -13,7 +13,7 @@ from torch import nn
 
 from ssat.attacks import pgd_attack
 from ssat.data.augment import augment
-from ssat.errors import ConfigError
+from ssat.errors import ConfigError, TrainingDiverged
 
 SCHEDULES = ("cosine", "multistep", "constant")
 
@@ -64,8 +64,8 @@ class RobustClassifierModule(L.LightningModule):
         x, y, *weights = batch
         loss, logs = self.train_loss(self.model, x, y, *weights)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()} at epoch {self.current_epoch}, "
-                                     f"batch {batch_idx}; lower the learning rate")
+            raise TrainingDiverged(f"the training loss became {loss.item()} at epoch {self.current_epoch}, "
+                                   f"batch {batch_idx}; lower the learning rate")
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=len(x))
         return loss
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
-from ssat.errors import ConfigError
+from ssat.errors import ConfigError, TrainingDiverged
 from ssat.generation.guidance import GuidanceLoss
 from ssat.generation.unet import check_lambda
 
@@ -76,8 +76,8 @@ class DDPMModule(L.LightningModule):
         parts = self.losses(x0, t, torch.randn_like(x0), guided=self.lam > 0)
         loss = parts["ddpm"] + self.lam * parts["reg"] if "reg" in parts else parts["ddpm"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the DDPM loss became {loss.item()} at epoch {self.current_epoch}, "
-                                     f"batch {batch_idx}; lower the learning rate")
+            raise TrainingDiverged(f"the DDPM loss became {loss.item()} at epoch {self.current_epoch}, "
+                                   f"batch {batch_idx}; lower the learning rate (checkpoints/last.ckpt is kept)")
         self.log_dict({f"train/{k}": v for k, v in {**parts, "loss": loss}.items()}, prog_bar=True,
                       batch_size=len(x0))
         return loss

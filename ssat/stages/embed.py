@@ -2,6 +2,8 @@
 
 The stage is resumable: rows are written in order and the number of rows safely on disk is recorded in
 ``progress.json`` after each flush, so a crashed embed restarts where it stopped instead of at row 0.
+Under DDP each rank embeds its contiguous share of the pool into its own folder (resumable the same way) and
+rank 0 assembles the two memory maps.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from numpy.lib.format import open_memmap
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssat import distributed
 from ssat.attacks import eval_mode
 from ssat.cache import write_json_atomic
 from ssat.errors import ConfigError
@@ -41,11 +44,65 @@ def _open_outputs(out_dir: Path, n: int, dim: int, classes: int, dtype: str):
     return features, logits, 0, layout
 
 
+class _Rows:
+    """Rows [start, stop) of an image array or pool, read a slice at a time (a pool may be a lazy memory map)."""
+
+    def __init__(self, images, start: int, stop: int):
+        self.images, self.start, self.stop = images, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, rows: slice):
+        return self.images[self.start + rows.start:self.start + rows.stop]
+
+
 def embed_pool(model: nn.Module, images, out_dir: Path, batch_size: int, device: torch.device | str = "cpu",
                dtype: str = "float32", flush_seconds: float = 30.0) -> dict[str, Any]:
     """Writes features.npy (N, D) in ``dtype`` and logits.npy (N, K) float32, eval mode, no augmentation."""
     if dtype not in DTYPES:
         raise ConfigError(f"embed.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    rank, world_size = distributed.rank(), distributed.world_size()
+    if world_size == 1:
+        return _embed_rows(model, images, Path(out_dir), batch_size, device, dtype, flush_seconds)
+    n = len(images)
+    bounds = np.linspace(0, n, world_size + 1).astype(int)
+    shards = [Path(out_dir) / f"rank{r}of{world_size}" for r in range(world_size)]
+    shards[rank].mkdir(exist_ok=True)
+    info = _embed_rows(model, _Rows(images, bounds[rank], bounds[rank + 1]), shards[rank], batch_size, device,
+                       dtype, flush_seconds)
+    distributed.barrier()
+    if rank == 0:
+        _assemble(shards, Path(out_dir), n, dtype)
+    return {**info, "num_points": n, "ranks": world_size}
+
+
+def _assemble(shards: list[Path], out_dir: Path, n: int, dtype: str, chunk: int = 65536) -> None:
+    """Rank 0 copies the ranks' shards, in order, into the stage's two memory maps, then drops the shards."""
+    parts = [load_embedding(shard) for shard in shards]
+    layout = {"rows": n, "feature_dim": parts[0].features.shape[1], "classes": parts[0].logits.shape[1],
+              "dtype": dtype}
+    features = open_memmap(out_dir / "features.npy", mode="w+", dtype=DTYPES[dtype], shape=(n, layout["feature_dim"]))
+    logits = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32, shape=(n, layout["classes"]))
+    row = 0
+    for part in parts:
+        for start in range(0, len(part.features), chunk):
+            stop = min(start + chunk, len(part.features))
+            features[row + start:row + stop] = part.features[start:stop]
+            logits[row + start:row + stop] = part.logits[start:stop]
+        row += len(part.features)
+    features.flush()
+    logits.flush()
+    write_json_atomic(out_dir / PROGRESS, {**layout, "done": n})
+    for shard in shards:
+        for file in shard.iterdir():
+            file.unlink()
+        shard.rmdir()
+
+
+def _embed_rows(model: nn.Module, images, out_dir: Path, batch_size: int, device: torch.device | str,
+                dtype: str, flush_seconds: float) -> dict[str, Any]:
+    """One process's streamed, resumable embed of ``images`` into out_dir."""
     model = model.to(device)
     n = len(images)
     features, logits, done, layout = _open_outputs(out_dir, n, model.feature_dim, model.head.out_features, dtype)

@@ -80,7 +80,8 @@ def ddpm_pretrain(images: np.ndarray, out_dir: Path, make_trainer: TrainerFactor
     module = DDPMModule(unet, new_scheduler(), lr=lr)
     loader = _labeled_loader(images, batch_size, seed)
     trainer = _fit(module, loader, Path(out_dir), make_trainer, "ddpm_pretrain", epochs)
-    save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
+    if trainer.is_global_zero:
+        save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
     return {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
             "parameters": sum(p.numel() for p in unet.parameters()), "num_images": len(images)}
 
@@ -132,7 +133,8 @@ def ddpm_finetune(data: SemiSupervisedData, classifier: nn.Module, unet_dir_or_i
     trainer = _fit(module, _labeled_loader(data.labeled_images, batch_size, seed), Path(out_dir), make_trainer,
                    "ddpm_finetune", epochs)
     after = _probe(module, probe_x0, probe_t, probe_eps, device)
-    save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
+    if trainer.is_global_zero:
+        save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
     return {"guidance": guidance.name, "lam": float(lam), "bank_size": len(bank), "epochs": int(trainer.current_epoch),
             "steps": int(trainer.global_step), **{f"probe_{k}_before": v for k, v in before.items()},
             **{f"probe_{k}_after": v for k, v in after.items()}}

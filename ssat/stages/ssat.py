@@ -22,9 +22,9 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
                out_dir: Path, make_trainer: TrainerFactory, train_loss: Callable, epochs: int, batch_size: int,
                unsup_fraction: float, batches_per_epoch: int | None, optim: dict[str, Any],
                augment: dict[str, Any], eval_batch_size: int, val_pgd: dict[str, Any], seed: int,
-               rank: int = 0, world_size: int = 1, ema: dict[str, Any] | None = None,
-               patience: int | None = None, coreset: CoresetSelector | None = None,
-               coreset_size: int = 0) -> dict[str, Any]:
+               rank: int = 0, world_size: int = 1, loader: dict[str, Any] | None = None,
+               ema: dict[str, Any] | None = None, patience: int | None = None,
+               coreset: CoresetSelector | None = None, coreset_size: int = 0) -> dict[str, Any]:
     """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy, EMA weights if ema).
 
     With a ``coreset`` selector the selection is its candidates: training draws from a weighted coreset of
@@ -37,10 +37,10 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
     sampler = SSATBatchSampler(train_set.num_labeled, len(selection), batch_size, unsup_fraction,
                                batches_per_epoch, seed=seed, rank=rank, world_size=world_size)
     if coreset is None:
-        return fit(model, train_loss, train_set, sampler, data.val_images, data.val_labels,
-                   out_dir, make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, ema, patience)
+        return fit(model, train_loss, train_set, sampler, data.val_images, data.val_labels, out_dir, make_trainer,
+                   "ssat", epochs, optim, augment, eval_batch_size, val_pgd, loader, ema, patience)
     reselection = CoresetReselection(coreset, train_set, sampler, train_loss, coreset_size, epochs, seed, out_dir)
     info = fit(model, WeightedLoss(train_loss), train_set, sampler, data.val_images, data.val_labels, out_dir,
-               make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, ema, patience,
+               make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, loader, ema, patience,
                callbacks=(reselection,))
     return {**info, **reselection.summary()}

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.training_set import LabeledAndSelected, batch_as_is
+from ssat.errors import TrainingDiverged
 from ssat.lightning import EMA, RobustClassifierModule
 
 # make_trainer(stage, out_dir, max_epochs, callbacks, batches_per_epoch) -> lightning.Trainer
@@ -30,32 +31,52 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def train_loader(train_set: LabeledAndSelected, sampler: SSATBatchSampler, num_workers: int = 0,
+                 pin_memory: bool = True) -> DataLoader:
+    """uint8 batches read whole (one __getitems__ per batch) by ``num_workers`` processes ahead of the model;
+    pinned when a GPU is present so that the copy to it overlaps compute."""
+    return DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is, num_workers=num_workers,
+                      pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
 def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         sampler: SSATBatchSampler, val_images: np.ndarray, val_labels: np.ndarray, out_dir: Path,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
-        eval_batch_size: int, val_pgd: dict[str, Any] | None, ema: dict[str, Any] | None = None,
-        patience: int | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+        eval_batch_size: int, val_pgd: dict[str, Any] | None, loader: dict[str, Any] | None = None,
+        ema: dict[str, Any] | None = None, patience: int | None = None, callbacks: tuple = ()) -> dict[str, Any]:
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
     resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt.
 
-    With ``ema`` ({decay, warmup}) validation and model.pt use the averaged weights; with ``patience`` training
-    stops once the monitored validation accuracy has not improved for that many epochs.
+    last.ckpt is written at the end of every epoch (whole or not at all: AtomicCheckpointIO), so a run
+    killed at any moment resumes from its last finished epoch with the model, optimizer, scheduler, callback
+    states (EMA, coreset) and epoch counter; the batch sampler's draw depends only on (seed, epoch), so it resumes
+    with them. With ``ema`` ({decay, warmup}) validation and model.pt use the averaged weights; with ``patience``
+    training stops once the monitored validation accuracy has not improved for that many epochs.
     """
     module = RobustClassifierModule(model, train_loss, optim, epochs, augment, val_pgd)
     monitor = "val/robust_acc" if val_pgd else "val/acc"
     ckpt_dir = out_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True,
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                  auto_insert_metric_name=False)
-    callbacks = [checkpoint, *callbacks]
+    # Not save_last=True: Lightning then rewrites last.ckpt only in the epochs that improve best.ckpt.
+    every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
+    callbacks = [checkpoint, every_epoch, *callbacks]
     if ema:
         callbacks.append(EMA(**ema))
     if patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience))
     trainer = make_trainer(stage, out_dir, epochs, callbacks, len(sampler))
-    train_loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is)
     val_loader = eval_loader(val_images, val_labels, eval_batch_size)
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, train_loader, val_loader, ckpt_path=last if last.exists() else None)
+    try:
+        trainer.fit(module, train_loader(train_set, sampler, **(loader or {})), val_loader,
+                    ckpt_path=last if last.exists() else None)
+    except TrainingDiverged as err:
+        kept = f"the last good checkpoint is kept: {last}" if last.exists() else "no epoch had finished"
+        raise TrainingDiverged(f"{stage}: {err}; {kept}") from None
+    if not trainer.is_global_zero:  # rank 0 writes the stage's artifacts and record
+        return {}
     best = torch.load(checkpoint.best_model_path or last, map_location="cpu", weights_only=False)
     weights = EMA.weights_in(best) if ema else best["state_dict"]
     state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
@@ -72,4 +93,6 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         "best_val": float(score) if score is not None else None,
         "num_labeled": train_set.num_labeled,
         "num_unlabeled": len(train_set) - train_set.num_labeled,
+        "world_size": int(trainer.world_size),
+        "steps": int(trainer.global_step),
     }

@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments/results/cifar10_small"))
     parser.add_argument("--cache-dir", type=Path, help="stage cache shared by the runs (default: OUT/cache)")
     parser.add_argument("--experiment", default="cifar10_small", help="the preset every run starts from")
+    parser.add_argument("--methods", nargs="+", default=[name for name, _ in RUNS], choices=[n for n, _ in RUNS],
+                        help="run only these (the table still shows every run found under OUT)")
     parser.add_argument("--table-only", action="store_true", help="summarise the runs already under OUT")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (after --)")
     args = parser.parse_args()
@@ -109,7 +111,8 @@ def main() -> None:
                              f"`mkdir -p {args.data} && tar -xzf shared/datasets/cifar10-jpeg.tar.gz -C {args.data}`")
         start = time.perf_counter()
         for selector, budgets in RUNS:
-            run_sweep(selector, budgets, args.seeds, args)
+            if selector in args.methods:
+                run_sweep(selector, budgets, args.seeds, args)
         print(f"all runs: {time.perf_counter() - start:.0f} s wall", flush=True)
     results = [json.loads(p.read_text()) for p in sorted((args.out / "runs").rglob("results.json"))]
     rows = summarise(results)

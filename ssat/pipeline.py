@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssat import distributed
 from ssat.attacks import LOSSES, CrossEntropyLoss, PGDATLoss
-from ssat.attacks.autoattack import VERSIONS
+from ssat.attacks.autoattack import MIN_CLASSES as AUTOATTACK_MIN_CLASSES, VERSIONS
 from ssat.config import build
 from ssat.cache import StageCache, StageResult, check_writable, write_json_atomic
 from ssat.data.splits import SemiSupervisedData, take_test_subset
@@ -161,6 +161,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_writable(run_dir, "hydra.run.dir")
     distributed.launch(cfg.trainer)  # under trainer=ddp the other ranks start here and run all that follows
     data = load_data(cfg)  # first: it fills dataset.num_classes, which selectors may interpolate
+    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
+        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
+                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
     selector = build(cfg.selector)
     ssat_loss = build(cfg.attack)
     generative = isinstance(selector, GuidedGeneration)

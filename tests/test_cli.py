@@ -91,19 +91,34 @@ def test_multirun_over_selectors_and_budgets(selector_runs, shared_cache, tmp_pa
 
 
 def test_image_folder_of_real_cifar10_jpegs_with_preact_resnet18(tmp_path):
-    """The issue's `dataset=image_folder dataset.root=<dir> model=preact_resnet18`, on a small real subset."""
-    root = extract_cifar_subset(tmp_path / "cifar", per_class_train=20, per_class_test=5,
-                                classes=["airplane", "cat", "ship"])
-    run = run_ssat("dataset=image_folder", f"dataset.root={root}", "model=preact_resnet18", "val_size=6",
+    """The issue's `dataset=image_folder dataset.root=<dir> model=preact_resnet18`, on a small real subset, with
+    AutoAttack on (its default) over 4 classes: APGD-T and FAB-T then target the 3 other classes, not 9."""
+    root = extract_cifar_subset(tmp_path / "cifar", per_class_train=15, per_class_test=4,
+                                classes=["airplane", "cat", "ship", "truck"])
+    run = run_ssat("dataset=image_folder", f"dataset.root={root}", "model=preact_resnet18", "val_size=8",
                    "pool.num_labeled=24", "budget=0.5", "intermediate.epochs=1", "ssat.epochs=1",
-                   "ssat.batch_size=32", "ssat.batches_per_epoch=null", "attack.steps=1", "eval.pgd.steps=2", "eval.val_pgd.steps=1", fast=False,
+                   "ssat.batch_size=32", "ssat.batches_per_epoch=null", "attack.steps=1", "eval.pgd.steps=2",
+                   "eval.val_pgd.steps=1", "eval.autoattack.num_points=4", "eval.sanity.num_points=16", fast=False,
                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
     results = run.results
     assert results["dataset"] == "image_folder" and results["model"] == "PreActResNet18"
-    assert results["sizes"] == {"labeled": 24, "val": 6, "pool": 30, "test": 15, "candidates": 30, "selected": 15,
-                                "boundary": 6, "random": 9}
+    assert results["sizes"] == {"labeled": 24, "val": 8, "pool": 28, "test": 16, "candidates": 28, "selected": 14,
+                                "boundary": 6, "random": 8}
     assert 0 <= results["robust_acc"] <= results["clean_acc"] <= 1
+    assert results["autoattack_num_points"] == 4 and 0 <= results["autoattack_acc"] <= 1
     assert (tmp_path / "cache" / "image_folder").is_dir(), "decoded images are cached for the next run"
+
+
+def test_autoattack_on_fewer_than_four_classes_is_a_one_line_error(tmp_path):
+    root = extract_cifar_subset(tmp_path / "cifar", per_class_train=10, per_class_test=2,
+                                classes=["airplane", "cat", "ship"])
+    run = run_ssat("dataset=image_folder", f"dataset.root={root}", "val_size=6", "pool.num_labeled=12",
+                   run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)
+    assert run.proc.returncode == 2 and "Traceback" not in run.proc.stderr
+    assert run.proc.stderr.strip().splitlines()[-1] == (
+        "ssat: error: eval.autoattack.enabled=true needs at least 4 classes (APGD-T's targeted DLR loss); the data "
+        "set has 3: set eval.autoattack.enabled=false")
+    assert not (tmp_path / "cache" / "intermediate").exists()
 
 
 def test_npz_pool_in_parts_selects_exactly_as_the_pool_held_in_memory(selector_runs, tmp_path):

@@ -3,7 +3,6 @@
 import inspect
 import io
 import os
-import pickle
 import socket
 from pathlib import Path
 
@@ -14,7 +13,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy.io import savemat
 
-from cifar_archive import CIFAR10_CLASSES, read_cifar_jpegs, write_image_folder
+from cifar_archive import (
+    CIFAR10_CLASSES,
+    decode,
+    dump,
+    pixels_and_labels,
+    read_cifar_jpegs,
+    write_cifar10,
+    write_image_folder,
+)
 from ssat.data.datasets import (
     ImageDataset,
     load_cifar10,
@@ -33,40 +40,6 @@ FOLDER_CLASSES = ["truck", "airplane", "cat"]  # deliberately unsorted
 def jpegs():
     """Five train and two test JPEGs of every CIFAR-10 class, read from the archive in one pass."""
     return read_cifar_jpegs(per_class_train=5, per_class_test=2)
-
-
-def decode(data: bytes, mode: str = "RGB") -> np.ndarray:
-    pixels = np.asarray(Image.open(io.BytesIO(data)).convert(mode))
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-
-
-def pixels_and_labels(jpegs, split, classes=CIFAR10_CLASSES):
-    """(N, 3, 32, 32) uint8 pixels and int64 labels of one split, classes interleaved as in the real batches."""
-    items = [(decode(data), label) for label, name in enumerate(classes) for _, data in jpegs[split, name]]
-    order = np.random.default_rng(0).permutation(len(items))
-    return np.stack([items[i][0] for i in order]), np.array([items[i][1] for i in order], dtype=np.int64)
-
-
-def dump(path: Path, content) -> None:
-    with path.open("wb") as f:
-        pickle.dump(content, f, protocol=2)
-
-
-def write_cifar10(root: Path, jpegs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Official python-format CIFAR-10 files (bytes keys, rows of 3072 R-G-B planes) built from real images."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    train_x, train_y = pixels_and_labels(jpegs, "train")
-    test_x, test_y = pixels_and_labels(jpegs, "test")
-    for i, (x, y) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5)), start=1):
-        dump(folder / f"data_batch_{i}", {b"batch_label": f"training batch {i} of 5".encode(),
-                                          b"labels": y.tolist(), b"data": x.reshape(len(x), -1),
-                                          b"filenames": [b"x.png"] * len(x)})
-    dump(folder / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": test_y.tolist(),
-                                 b"data": test_x.reshape(len(test_x), -1), b"filenames": [b"x.png"] * len(test_x)})
-    dump(folder / "batches.meta", {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
-                                   b"num_cases_per_batch": 10000, b"num_vis": 3072})
-    return train_x, train_y, test_x, test_y
 
 
 # ---------------------------------------------------------------- digits

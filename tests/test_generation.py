@@ -20,7 +20,8 @@ from ssat.generation.sampling import generate_pool
 from ssat.generation.unet import build_unet, check_lambda, load_ddpm, new_scheduler, save_ddpm
 from ssat.lightning.ddpm import DDPMModule, to_unit_range
 from ssat.models import SmallCNN
-from ssat.stages.generate import ddpm_finetune, ddpm_pretrain, sample
+from ssat import distributed
+from ssat.stages.generate import ddpm_finetune, ddpm_pretrain, sample, training_loader
 
 TINY_UNET = {"block_out_channels": [16, 32]}
 
@@ -310,3 +311,18 @@ def test_an_unreachable_hub_id_is_a_one_line_data_error(monkeypatch):
         load_ddpm("google/ddpm-cifar10-32", image_size=32, channels=3)
     message = one_line(err)
     assert "google/ddpm-cifar10-32" in message and "generation.pretrained=null" in message
+
+
+def test_ddpm_training_loader_gives_each_rank_its_own_share(monkeypatch):
+    """Under DDP the ranks train on disjoint shares that together cover the images, reshuffled each epoch."""
+    images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        loader = training_loader(images, batch_size=8, seed=3)
+        shares[rank] = [int(v) for (batch,) in loader for v in batch.flatten()]
+        loader.sampler.set_epoch(1)
+        assert [int(v) for (batch,) in loader for v in batch.flatten()] != shares[rank]
+    assert len(shares[0]) == len(shares[1]) == 20
+    assert set(shares[0]).isdisjoint(shares[1]) and set(shares[0]) | set(shares[1]) == set(range(40))

@@ -1,7 +1,8 @@
 """AutoAttack (Croce & Hein 2020) through `pyautoattack`, the authors' own code as published on PyPI.
 
-"standard" runs APGD-CE, APGD-T (9 target classes), FAB-T and Square (5,000 queries), each on the points that
-the attacks before it did not fool. The warnings of AutoAttack's own checks (zero gradients, a black-box Square
+"standard" runs APGD-CE, APGD-T (9 target classes, or all C - 1 other classes when there are fewer), FAB-T and
+Square (5,000 queries), each on the points that the attacks before it did not fool. APGD-T's targeted DLR loss
+needs at least 4 classes (MIN_CLASSES). The warnings of AutoAttack's own checks (zero gradients, a black-box Square
 stronger than the white-box attacks, a randomised model) are collected for results.json.
 """
 
@@ -15,6 +16,8 @@ from torch import nn
 from ssat.attacks.pgd import eval_mode
 
 VERSIONS = ("standard", "plus", "rand")
+# The targeted DLR loss of APGD-T reads the four largest logits.
+MIN_CLASSES = 4
 
 
 class _Collect(logging.Handler):
@@ -48,6 +51,10 @@ class AutoAttack:
             with eval_mode(model):
                 attack = _AutoAttack(model, eps=self.eps, norm="Linf", version=self.version, seed=self.seed,
                                      device=x.device)
+                with torch.no_grad():
+                    other_classes = model(x[:1]).shape[1] - 1
+                attack.apgd_targeted.n_target_classes = min(attack.apgd_targeted.n_target_classes, other_classes)
+                attack.fab.n_target_classes = min(attack.fab.n_target_classes, other_classes)
                 x_adv, _ = attack.run_standard_evaluation(x.detach(), y, batch_size=len(x))
         finally:
             logger.removeHandler(handler)

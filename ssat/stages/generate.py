@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from ssat import distributed
 from ssat.attacks import eval_mode
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
@@ -48,10 +49,14 @@ def generated_pool_sizes(num_images: int | None, plain_fraction: float, budget: 
     return num_images - plain, plain
 
 
-def _labeled_loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+def training_loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches of the images; under DDP each rank gets its own share (Lightning sets the epoch)."""
     if len(images) == 0:
         raise DataError("DDPM training needs labeled images, and the labeled set is empty")
     dataset = TensorDataset(torch.from_numpy(np.ascontiguousarray(images)))
+    if distributed.world_size() > 1:
+        sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
@@ -78,7 +83,7 @@ def ddpm_pretrain(images: np.ndarray, out_dir: Path, make_trainer: TrainerFactor
         raise DataError(f"the DDPM needs square images, the labeled images are {height}x{width}")
     unet = build_unet(height, channels, unet_config)
     module = DDPMModule(unet, new_scheduler(), lr=lr)
-    loader = _labeled_loader(images, batch_size, seed)
+    loader = training_loader(images, batch_size, seed)
     trainer = _fit(module, loader, Path(out_dir), make_trainer, "ddpm_pretrain", epochs)
     if trainer.is_global_zero:
         save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
@@ -130,7 +135,7 @@ def ddpm_finetune(data: SemiSupervisedData, classifier: nn.Module, unet_dir_or_i
     probe_t = torch.linspace(0, len(module.alphas_cumprod) - 1, len(probe_x0)).long()
     probe_eps = torch.randn(probe_x0.shape, generator=torch.Generator().manual_seed(seed))
     before = _probe(module, probe_x0, probe_t, probe_eps, device)
-    trainer = _fit(module, _labeled_loader(data.labeled_images, batch_size, seed), Path(out_dir), make_trainer,
+    trainer = _fit(module, training_loader(data.labeled_images, batch_size, seed), Path(out_dir), make_trainer,
                    "ddpm_finetune", epochs)
     after = _probe(module, probe_x0, probe_t, probe_eps, device)
     if trainer.is_global_zero:

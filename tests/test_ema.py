@@ -53,7 +53,7 @@ def run_fit(model, digits, out_dir, epochs, ema=None, patience=None, optim=OPTIM
     images, labels, val_images, val_labels = digits
     sampler = SSATBatchSampler(len(labels), 0, BATCH, 0.0, seed=0)
     return fit(model, CrossEntropyLoss(), LabeledAndSelected(images, labels), sampler, val_images, val_labels,
-               out_dir, make_trainer, "test", epochs, optim, AUGMENT, 100, None, ema, patience)
+               out_dir, make_trainer, "test", epochs, optim, AUGMENT, 100, None, ema=ema, patience=patience)
 
 
 def test_ema_averages_parameters_and_copies_batch_norm_statistics():

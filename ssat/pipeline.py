@@ -280,8 +280,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary = {
         "dataset": cfg.dataset.name,
         "selector": selector.name,
-        # The whole pool is budget 1 whatever was asked (selector=full ignores the budget).
-        "budget": 1.0 if n_selected == len(candidates) else cfg.budget,
+        # The whole pool is budget 1 whatever was asked (selector=full ignores the budget); a generated pool is
+        # used whole, and its size came from the budget.
+        "budget": 1.0 if n_selected == len(candidates) and not generative else cfg.budget,
         "seed": cfg.seed,
         "attack": ssat_loss.name,
         "model": cfg.model._target_.rsplit(".", 1)[-1],

@@ -22,7 +22,7 @@ run: install
 	$(BIN)/python -m ssat.run $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .ssat_cache outputs multirun

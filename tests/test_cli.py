@@ -14,11 +14,6 @@ SELECTORS = ["full", "random", "pcs", "lcs_km", "lcs_gmm"]
 BOUNDARY = {"full": 0.0, "random": 0.0, "pcs": 0.4, "lcs_km": 0.4, "lcs_gmm": 0.4}
 
 
-# Tests that reuse the session's selector runs and cache run in one pytest-xdist worker (make test: --dist
-# loadgroup), so those runs are computed once.
-SHARED_RUNS = pytest.mark.xdist_group("selector_runs")
-
-
 @pytest.fixture(scope="session")
 def selector_runs(tmp_path_factory, shared_cache):
     """Each selector at budget 0.2, one after the other against one cache, as a sweep would run them."""
@@ -26,7 +21,6 @@ def selector_runs(tmp_path_factory, shared_cache):
     return {s: run_ssat(f"selector={s}", "budget=0.2", run_dir=root / s, cache_dir=shared_cache) for s in SELECTORS}
 
 
-@SHARED_RUNS
 @pytest.mark.parametrize("selector", SELECTORS)
 def test_selector_runs_end_to_end(selector_runs, selector):
     run = selector_runs[selector]
@@ -50,7 +44,6 @@ def test_selector_runs_end_to_end(selector_runs, selector):
     assert "clean_acc" in table and "robust_acc" in table and f"{results['robust_acc']:.4f}" in table
 
 
-@SHARED_RUNS
 def test_sweep_trains_the_intermediate_model_and_embeds_the_pool_once(selector_runs):
     first, *others = [selector_runs[s].results for s in SELECTORS]
     assert not first["cached"]["intermediate"] and not first["cached"]["embed"]
@@ -60,7 +53,6 @@ def test_sweep_trains_the_intermediate_model_and_embeds_the_pool_once(selector_r
         assert not results["cached"]["select"] and not results["cached"]["ssat"]
 
 
-@SHARED_RUNS
 def test_rerun_takes_every_stage_from_the_cache(selector_runs, shared_cache, tmp_path):
     again = run_ssat("selector=lcs_km", "budget=0.2", run_dir=tmp_path / "again", cache_dir=shared_cache)
     before = selector_runs["lcs_km"].results
@@ -70,7 +62,6 @@ def test_rerun_takes_every_stage_from_the_cache(selector_runs, shared_cache, tmp
     np.testing.assert_array_equal(again.selection, selector_runs["lcs_km"].selection)
 
 
-@SHARED_RUNS
 def test_same_seed_selects_the_same_points_bit_for_bit(selector_runs, tmp_path):
     """A fresh cache recomputes everything (intermediate training included) and must land on the same selection."""
     fresh = run_ssat("selector=lcs_km", "budget=0.2", run_dir=tmp_path / "fresh", cache_dir=tmp_path / "cache")
@@ -80,14 +71,12 @@ def test_same_seed_selects_the_same_points_bit_for_bit(selector_runs, tmp_path):
                                   np.load(selector_runs["lcs_km"].run_dir / "scores.npy"))
 
 
-@SHARED_RUNS
 def test_another_seed_selects_differently(selector_runs, shared_cache, tmp_path):
     other = run_ssat("selector=lcs_km", "budget=0.2", "seed=1", run_dir=tmp_path / "seed1", cache_dir=shared_cache)
     assert other.results["seed"] == 1
     assert not np.array_equal(np.sort(other.selection), np.sort(selector_runs["lcs_km"].selection))
 
 
-@SHARED_RUNS
 def test_multirun_over_selectors_and_budgets(selector_runs, shared_cache, tmp_path):
     sweep = tmp_path / "sweep"
     run_ssat("-m", "selector=random,lcs_gmm", "budget=0.1,0.2", f"hydra.sweep.dir={sweep}",
@@ -132,7 +121,6 @@ def test_autoattack_on_fewer_than_four_classes_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "cache" / "intermediate").exists()
 
 
-@SHARED_RUNS
 def test_npz_pool_in_parts_selects_exactly_as_the_pool_held_in_memory(selector_runs, tmp_path):
     """The digits pool written as three .npz parts (stored and compressed) and run with pool=npz: same selection."""
     from ssat.data.datasets import load_digits
@@ -159,7 +147,6 @@ GENERATION_FAST = ["generation.pretrain.epochs=2", "generation.finetune.epochs=1
                    "generation.sampler.num_inference_steps=4"]
 
 
-@SHARED_RUNS
 def test_guided_generation_runs_the_whole_chain(selector_runs, shared_cache, tmp_path):
     """selector=lcg_km on digits: a small DDPM is pretrained, fine-tuned with guidance, sampled and trained on."""
     run = run_ssat("selector=lcg_km", "generation.plain_fraction=0.25", *GENERATION_FAST,
@@ -184,7 +171,6 @@ def test_unreachable_ddpm_fails_before_any_training(tmp_path):
     assert not (tmp_path / "cache" / "intermediate").exists()
 
 
-@SHARED_RUNS
 def test_full_evaluation_with_ema_and_early_stopping(shared_cache, tmp_path):
     """experiment=autoattack (on a few test points), PGD with the CW loss and restarts, EMA and early stopping:
     everything lands in results.json and the printed table."""

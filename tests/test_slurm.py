@@ -19,10 +19,6 @@ TINY = ["intermediate.epochs=3", "eval.pgd.steps=3", "eval.val_pgd.steps=2", "hy
         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=15"]
 
 
-# One pytest-xdist worker runs this file (make test: --dist loadgroup): its module fixtures are shared.
-pytestmark = pytest.mark.xdist_group("slurm")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=180)

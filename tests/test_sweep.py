@@ -15,10 +15,6 @@ from conftest import FAST
 wandb_records = pytest.importorskip("wandb_records", reason="wandb is not installed (pip install -e '.[wandb]')")
 
 
-# One pytest-xdist worker runs this file (make test: --dist loadgroup): its module fixtures are shared.
-pytestmark = pytest.mark.xdist_group("sweep")
-
-
 def start(*overrides: str, cwd: Path, cache_dir: Path, env: dict | None = None) -> subprocess.Popen:
     flags = [o for o in overrides if o.startswith("-")]
     overrides = [o for o in overrides if not o.startswith("-")]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # A short schedule on digits: the same stages and code paths as the default run, in seconds.
 FAST = ["intermediate.epochs=10", "ssat.epochs=6", "eval.pgd.steps=10", "eval.val_pgd.steps=3"]
@@ -48,3 +49,15 @@ def run_ssat(*overrides: str, run_dir: Path, cache_dir: Path, fast: bool = True,
 def shared_cache(tmp_path_factory) -> Path:
     """One cache for the selector runs, so they share the intermediate model and the embedding as a sweep would."""
     return tmp_path_factory.mktemp("shared_cache")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is several times faster than two, most of all on a busy machine.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

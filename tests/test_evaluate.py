@@ -22,12 +22,7 @@ SANITY = {"num_points": 200, "eps_scales": [0.5, 1.0, 2.0], "noise_samples": 10,
 OFF = {"enabled": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

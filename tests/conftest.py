@@ -1,4 +1,5 @@
-"""Runs of the real command line (`python -m ssat.run`) on the real config tree with small overrides."""
+"""Shared test helpers: runs of the real command line (`python -m ssat.run`) on the real config tree with small
+overrides, one-thread torch for tiny tensors, and the small digits CNN the attack tests attack."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+
+from ssat.models import SmallCNN
 
 # A short schedule on digits: the same stages and code paths as the default run, in seconds.
 FAST = ["intermediate.epochs=10", "ssat.epochs=6", "eval.pgd.steps=10", "eval.val_pgd.steps=3"]
@@ -61,3 +65,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def train_digits_cnn(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
+    """A width-8 SmallCNN after 300 seeded Adam steps on (N, 1, 8, 8) digits in [0, 1]: well above chance, in eval
+    mode; the model the attack and evaluation tests attack."""
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, num_classes=10, mean=[0.3], std=[0.4], width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from conftest import train_digits_cnn
 from ssat.attacks import PGDATLoss, TradesLoss, pgd_attack
 from ssat.data.augment import augment, random_crop, random_hflip
-from ssat.models import SmallCNN
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,19 +30,8 @@ def digits():
 @pytest.fixture(scope="module")
 def trained(digits):
     """A SmallCNN trained for 300 Adam steps: well above chance on held-out digits."""
-    torch.manual_seed(0)
     x, y, _, _ = digits
-    model = SmallCNN(in_channels=1, num_classes=10, mean=[0.3], std=[0.4], width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
+    return train_digits_cnn(x, y)
 
 
 @pytest.fixture

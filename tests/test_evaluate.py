@@ -8,12 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from conftest import train_digits_cnn
 from ssat.attacks import AutoAttack, pgd_attack
-from ssat.models import SmallCNN
 from ssat.stages import evaluate as evaluate_module
 from ssat.stages.evaluate import correct_flags, evaluate
 
@@ -36,19 +35,8 @@ def digits():
 @pytest.fixture(scope="module")
 def trained(digits):
     """A standard-trained (not robust) SmallCNN, well above chance."""
-    torch.manual_seed(0)
     images, labels, _, _ = digits
-    x, y = torch.from_numpy(images).float() / 255, torch.from_numpy(labels)
-    model = SmallCNN(in_channels=1, num_classes=10, mean=[0.3], std=[0.4], width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_digits_cnn(torch.from_numpy(images).float() / 255, torch.from_numpy(labels))
 
 
 @pytest.fixture

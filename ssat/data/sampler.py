@@ -33,7 +33,8 @@ class SSATBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         unlabeled = round(batch_size * unsup_fraction) if num_unlabeled > 0 else 0
         self.labeled_per_batch = max(1, batch_size - unlabeled)
-        self.num_batches = num_batches if num_batches is not None else math.ceil((num_labeled + num_unlabeled) / batch_size)
+        one_pass = math.ceil((num_labeled + num_unlabeled) / batch_size)
+        self.num_batches = num_batches if num_batches is not None else one_pass
         self.seed = seed
         self.rank = rank
         self.world_size = world_size

@@ -172,8 +172,11 @@ class _TorchMixture:
             squared = torch.stack([(x - mean).square_() @ precisions
                                    for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
         weighted = self.log_norms - 0.5 * squared.double()
-        log_likelihood = torch.logsumexp(weighted, dim=1)
-        return log_likelihood, torch.exp(weighted - log_likelihood[:, None])
+        # logsumexp by hand, so that the one exp also gives the responsibilities
+        top = weighted.max(dim=1, keepdim=True).values
+        shifted = weighted.sub_(top).exp_()
+        total = shifted.sum(dim=1, keepdim=True)
+        return (total.log() + top).squeeze(1), shifted.div_(total)
 
     def to_fit(self, n_iter: int, converged: bool, mean_log_likelihood: float) -> GaussianMixtureFit:
         return GaussianMixtureFit(self.weights.cpu().numpy(), self.means.cpu().numpy(), self.covariances.cpu().numpy(),
@@ -208,11 +211,15 @@ class _SufficientStatistics:
 
     def add(self, x: torch.Tensor, resp: torch.Tensor) -> None:
         self.counts += resp.sum(0)
-        root_resp = resp.sqrt()
         for k in range(len(self.centres32)):
-            rows = torch.nonzero(resp[:, k] >= NEGLIGIBLE_RESPONSIBILITY).squeeze(1)
-            xk, root_rk = (x, root_resp[:, k]) if len(rows) == len(x) else (x[rows], root_resp[rows, k])
-            scaled = (xk - self.centres32[k]).double().mul_(root_rk[:, None])  # sqrt(r) (x - c)
+            resp_k = resp[:, k]
+            rows = torch.nonzero(resp_k >= NEGLIGIBLE_RESPONSIBILITY).squeeze(1)
+            if len(rows) < len(x):
+                x_k, resp_k = x.index_select(0, rows), resp_k.index_select(0, rows)
+            else:
+                x_k = x
+            root_rk = resp_k.sqrt()
+            scaled = (x_k - self.centres32[k]).double().mul_(root_rk[:, None])  # sqrt(r) (x - c)
             self.first[k] += scaled.mT @ root_rk
             if self.covariance_type == "full":
                 self.second[k] += scaled.mT @ scaled
@@ -273,10 +280,11 @@ class GaussianMixtureFit:
 def _nearest_centroid(rows: FeatureRows, centroids: np.ndarray) -> np.ndarray:
     """Index of each row's nearest centroid: the hard responsibilities both back-ends start from."""
     centroids32 = torch.as_tensor(np.asarray(centroids, dtype=np.float32), device=rows.device)
+    half_norms = 0.5 * centroids32.square().sum(1)
     labels = np.empty(rows.n, dtype=np.int64)
     for start, x in rows:
-        squared = torch.stack([(x - c).square_().sum(1) for c in centroids32], dim=1)
-        labels[start:start + len(x)] = squared.argmin(1).cpu().numpy()
+        # |x - c|^2 / 2 less the |x|^2 / 2 that all centroids share: one matmul
+        labels[start:start + len(x)] = torch.addmm(half_norms, x, centroids32.mT, alpha=-1).argmin(1).cpu().numpy()
     return labels
 
 

@@ -1,11 +1,20 @@
-"""Bad input stops before any training with one line naming the bad value, and exit code 2."""
+"""Bad input stops before any training with one line naming the bad value, and exit code 2.
+
+A few cases go through the command line (`python -m ssat.run`: one line on stderr, exit code 2); the bad config
+values run in this process through the same checks, on the real config tree, since a process start costs
+seconds each.
+"""
 
 from __future__ import annotations
 
 import pytest
+from hydra import compose, initialize_config_module
 
 from cifar_archive import extract_cifar_subset
 from conftest import run_ssat
+from ssat.config import check_group_choices
+from ssat.errors import SsatError
+from ssat.pipeline import run_pipeline
 
 
 def assert_one_line_error(run, *fragments: str) -> None:
@@ -22,9 +31,27 @@ def assert_one_line_error(run, *fragments: str) -> None:
 @pytest.mark.parametrize("overrides, fragments", [
     (["selector=foo"], ["unknown selector 'foo'", "lcs_km", "lcs_gmm", "pcs", "random", "full"]),
     (["-m", "selector=random,nope"], ["unknown selector 'nope'"]),
+    (["budget=1.5"], ["budget=1.5", "(0, 1]"]),
+])
+def test_bad_input_on_the_command_line(overrides, fragments, tmp_path):
+    run = run_ssat(*overrides, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)
+    assert_one_line_error(run, *fragments)
+    assert not (tmp_path / "cache" / "intermediate").exists(), "nothing may be trained after bad input"
+
+
+def config_error(overrides: list[str], tmp_path) -> str:
+    """The message `python -m ssat.run` would print after 'ssat: error: ' for these overrides."""
+    with pytest.raises(SsatError) as err:
+        check_group_choices(overrides)
+        with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, f"cache_dir={tmp_path / 'cache'}"])
+        run_pipeline(cfg, tmp_path / "run")
+    return str(err.value)
+
+
+@pytest.mark.parametrize("overrides, fragments", [
     (["dataset=mnist"], ["unknown dataset 'mnist'", "digits", "cifar10", "image_folder"]),
     (["model=resnet50"], ["unknown model 'resnet50'", "small_cnn", "wrn28_10"]),
-    (["budget=1.5"], ["budget=1.5", "(0, 1]"]),
     (["budget=0"], ["budget=0", "(0, 1]"]),
     (["budget=-0.1"], ["budget=-0.1"]),
     (["selector=lcs_km", "selector.boundary_fraction=1.5"], ["selector.boundary_fraction=1.5", "[0, 1]"]),
@@ -43,9 +70,12 @@ def assert_one_line_error(run, *fragments: str) -> None:
     (["eval.autoattack.version=fast"], ["eval.autoattack.version='fast'", "standard"]),
 ])
 def test_bad_config_value(overrides, fragments, tmp_path):
-    run = run_ssat(*overrides, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)
-    assert_one_line_error(run, *fragments)
+    message = config_error(overrides, tmp_path)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
     assert not (tmp_path / "cache" / "intermediate").exists(), "nothing may be trained after bad input"
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_image_folder_root_that_does_not_exist(tmp_path):

@@ -6,10 +6,11 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
-from ssat.clustering.gmm import fit_gmm
+from ssat.clustering.gmm import FeatureRows, _nearest_centroid, fit_gmm
 from ssat.clustering.pca import fit_pca
 from ssat.errors import ConfigError, DataError
 from ssat.selection import GMMSelector, PoolEmbedding
@@ -261,3 +262,14 @@ def test_collinear_features_fit_as_in_float64():
     ours = fit_gmm(x, 3, init_means=init)
     ref = sklearn_from(x, init.astype(np.float64), "full")
     np.testing.assert_allclose(ours.mean_log_likelihood, ref.score(x.astype(np.float64)), rtol=1e-5)
+
+
+def test_nearest_centroid_matches_brute_force_far_from_the_origin():
+    """The one-matmul assignment that starts EM, on features offset by 1e4 (where |x|^2 - 2 x.c + |c|^2 in float32
+    without centring loses the differences between centroids)."""
+    rng = np.random.default_rng(3)
+    centroids = rng.normal(size=(8, 16)).astype(np.float32) + 1e4
+    x = (centroids[rng.integers(8, size=3000)] + rng.normal(scale=0.8, size=(3000, 16))).astype(np.float32)
+    brute = ((x[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    labels = _nearest_centroid(FeatureRows(x, 1024, torch.device("cpu")), centroids)
+    assert (labels == brute).mean() > 0.999

@@ -280,11 +280,13 @@ class GaussianMixtureFit:
 def _nearest_centroid(rows: FeatureRows, centroids: np.ndarray) -> np.ndarray:
     """Index of each row's nearest centroid: the hard responsibilities both back-ends start from."""
     centroids32 = torch.as_tensor(np.asarray(centroids, dtype=np.float32), device=rows.device)
-    half_norms = 0.5 * centroids32.square().sum(1)
+    centre = centroids32.mean(0)  # both sides centred on it, so float32 keeps the digits that tell centroids apart
+    centred = centroids32 - centre
+    half_norms = 0.5 * centred.square().sum(1)
     labels = np.empty(rows.n, dtype=np.int64)
     for start, x in rows:
         # |x - c|^2 / 2 less the |x|^2 / 2 that all centroids share: one matmul
-        labels[start:start + len(x)] = torch.addmm(half_norms, x, centroids32.mT, alpha=-1).argmin(1).cpu().numpy()
+        labels[start:start + len(x)] = torch.addmm(half_norms, x - centre, centred.mT, alpha=-1).argmin(1).cpu().numpy()
     return labels
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -59,3 +61,13 @@ def world_size() -> int:
 def barrier() -> None:
     if initialized():
         dist.barrier()
+
+
+def shard_dirs(out_dir: Path) -> list[Path]:
+    """The folders in which the ranks write their shares of a stage's output, which rank 0 then assembles."""
+    return [Path(out_dir) / f"rank{r}of{world_size()}" for r in range(world_size())]
+
+
+def remove_shards(shards: list[Path]) -> None:
+    for shard in shards:
+        shutil.rmtree(shard, ignore_errors=True)

@@ -271,8 +271,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         f"{', AutoAttack ' + ev.autoattack.version if ev.autoattack.enabled else ''} on {sizes['test']} test images"
         f" and sanity checks",
         {"ssat": trained.key, "pgd": ev.pgd, "autoattack": ev.autoattack, "sanity": ev.sanity,
-         "test_size": cfg.test_size,
-         "batch_size": ev.batch_size, "chunk_size": ev.chunk_size, "seed": cfg.seed}, compute_evaluate)
+         "test_size": cfg.test_size, "batch_size": ev.batch_size, "chunk_size": ev.chunk_size, "seed": cfg.seed},
+        compute_evaluate)
     sanity = evaluated.info["sanity"]
     if not sanity["passed"]:
         log.warning("!!! the evaluation failed its sanity checks: %s (results.json: sanity)",

@@ -15,9 +15,9 @@ import torch
 
 from conftest import FAST, run_ssat
 from ssat.attacks import TradesLoss
+from ssat.data.datasets import load_digits
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.training_set import LabeledAndSelected
-from ssat.data.datasets import load_digits
 from ssat.errors import TrainingDiverged
 from ssat.lightning.trainer import build_trainer
 from ssat.models import SmallCNN
@@ -55,7 +55,7 @@ def test_kill_9_mid_ssat_then_rerun_resumes_to_the_same_final_epoch(tmp_path):
     out = rerun.proc.stdout + rerun.proc.stderr
     assert "Restoring states from the checkpoint" in out
     results = rerun.results
-    assert {k: v for k, v in results["cached"].items()} == {
+    assert results["cached"] == {
         "intermediate": True, "embed": True, "select": True, "pseudo_label": True, "ssat": False, "evaluate": False}
     # As an uninterrupted run: all the epochs, every epoch's batches, each optimizer step once.
     assert results["ssat_epochs"] == EPOCHS

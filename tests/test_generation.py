@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from sklearn.datasets import load_digits
 
+from ssat import distributed
 from ssat.config import build
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
@@ -20,7 +21,6 @@ from ssat.generation.sampling import generate_pool
 from ssat.generation.unet import build_unet, check_lambda, load_ddpm, new_scheduler, save_ddpm
 from ssat.lightning.ddpm import DDPMModule, to_unit_range
 from ssat.models import SmallCNN
-from ssat import distributed
 from ssat.stages.generate import ddpm_finetune, ddpm_pretrain, sample, training_loader
 
 TINY_UNET = {"block_out_channels": [16, 32]}

@@ -10,7 +10,6 @@ assembles them: the pool is the one a single process samples, bit for bit.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,7 @@ def generate_pool(unet: UNet2DModel, scheduler_config: dict, out_dir: Path, n: i
         return {**info, "resumed_at": _sample_rows(unet, sampler, out_dir, 0, n, layout, device)}
     batches = -(-n // batch_size)
     cuts = [min(n, int(b) * batch_size) for b in np.linspace(0, batches, world_size + 1).round()]
-    shards = [out_dir / f"rank{r}of{world_size}" for r in range(world_size)]
+    shards = distributed.shard_dirs(out_dir)
     resumed_at = 0
     if cuts[rank + 1] > cuts[rank]:
         shards[rank].mkdir(exist_ok=True)
@@ -111,8 +110,7 @@ def generate_pool(unet: UNet2DModel, scheduler_config: dict, out_dir: Path, n: i
                 images[cuts[r]:cuts[r + 1]] = np.load(shard / IMAGES, mmap_mode="r")
         images.flush()
         write_json_atomic(out_dir / PROGRESS, {**layout, "first_row": 0, "rows": n, "done": n})
-        for shard in shards:
-            shutil.rmtree(shard, ignore_errors=True)
+        distributed.remove_shards(shards)
     return {**info, "resumed_at": resumed_at, "ranks": world_size}
 
 

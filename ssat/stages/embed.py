@@ -67,7 +67,7 @@ def embed_pool(model: nn.Module, images, out_dir: Path, batch_size: int, device:
         return _embed_rows(model, images, Path(out_dir), batch_size, device, dtype, flush_seconds)
     n = len(images)
     bounds = np.linspace(0, n, world_size + 1).astype(int)
-    shards = [Path(out_dir) / f"rank{r}of{world_size}" for r in range(world_size)]
+    shards = distributed.shard_dirs(out_dir)
     shards[rank].mkdir(exist_ok=True)
     info = _embed_rows(model, _Rows(images, bounds[rank], bounds[rank + 1]), shards[rank], batch_size, device,
                        dtype, flush_seconds)
@@ -94,10 +94,7 @@ def _assemble(shards: list[Path], out_dir: Path, n: int, dtype: str, chunk: int 
     features.flush()
     logits.flush()
     write_json_atomic(out_dir / PROGRESS, {**layout, "done": n})
-    for shard in shards:
-        for file in shard.iterdir():
-            file.unlink()
-        shard.rmdir()
+    distributed.remove_shards(shards)
 
 
 def _embed_rows(model: nn.Module, images, out_dir: Path, batch_size: int, device: torch.device | str,

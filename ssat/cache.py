@@ -28,13 +28,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssat import distributed
 from ssat.errors import WriteError
 
-# Bump when a stage's computation changes so that old artifacts are not reused.
-CACHE_VERSION = 1
 RECORD = "record.json"
 # Files are hashed in blocks of this many bytes (sha256 runs at about 1.3 GB/s on one core here).
 HASH_BLOCK = 1 << 24
@@ -42,22 +39,6 @@ HASH_BLOCK = 1 << 24
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 log = logging.getLogger("ssat")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def stage_key(name: str, inputs: dict[str, Any]) -> str:
-    """Hash of the stage name, the cache version and everything that affects the stage's output."""
-    payload = json.dumps(
-        {"version": CACHE_VERSION, "stage": name, "inputs": {k: _plain(v) for k, v in inputs.items()}},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -126,14 +107,15 @@ def exclusive(lock_file: Path, what: str):
 
 @dataclass
 class StageResult:
-    """What a stage left on disk and how long it took when it was computed."""
+    """What a stage left on disk (or, for a stage computed in memory, its ``value``) and how long it took."""
 
     name: str
     key: str
-    path: Path
+    path: Path | None
     seconds: float
     cached: bool
     info: dict[str, Any]
+    value: Any = None
 
 
 def check_writable(directory: str | Path, what: str) -> None:
@@ -161,13 +143,13 @@ class StageCache:
     def path(self, name: str, key: str) -> Path:
         return self.root / name / key
 
-    def run(self, name: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]],
+    def run(self, name: str, key: str, inputs: dict[str, Any], compute: Callable[[Path], dict[str, Any]],
             distributed_stage: bool = False) -> StageResult:
         """The committed stage, or computed under the key's lock (rank 0 holds it for all the job's ranks).
 
-        With ``distributed_stage`` every DDP rank runs ``compute``; otherwise rank 0 alone, the others waiting.
+        ``inputs`` (what the key hashes) is written beside the artifacts as inputs.json, for people. With
+        ``distributed_stage`` every DDP rank runs ``compute``; otherwise rank 0 alone, the others waiting.
         """
-        key = stage_key(name, inputs)
         final = self.path(name, key)
         if distributed.world_size() == 1:  # ranks must decide together, so only a lone process takes this shortcut
             committed = self._committed(name, key)
@@ -217,7 +199,7 @@ class StageCache:
         lead = distributed.rank() == 0
         if lead:
             work.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(work / "inputs.json", {k: _plain(v) for k, v in inputs.items()})
+            write_json_atomic(work / "inputs.json", inputs)
         distributed.barrier()
         start = time.perf_counter()
         info = compute(work) if lead or distributed_stage else None

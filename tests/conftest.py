@@ -81,3 +81,24 @@ def train_digits_cnn(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def compose(*overrides: str):
+    """The real config tree composed with ``overrides``, as `python -m ssat.run` would (no Hydra run dir)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+# The smallest schedule that still runs every stage's code (seconds in process).
+TINY = ["intermediate.epochs=2", "ssat.epochs=1", "eval.pgd.steps=2", "eval.val_pgd.steps=1", "test_size=60",
+        "eval.sanity.num_points=20", "eval.sanity.noise_samples=1"]
+
+
+def run_in_process(*overrides: str, tmp_path: Path, tiny: bool = True) -> dict:
+    """The pipeline in this process on the composed config (no subprocess, no Hydra job): its results.json."""
+    from ssat.pipeline import run_pipeline
+
+    cfg = compose(*(TINY if tiny else []), *overrides, f"cache_dir={tmp_path / 'cache'}")
+    return run_pipeline(cfg, tmp_path / "run")

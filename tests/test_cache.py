@@ -14,7 +14,8 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from ssat.cache import RECORD, StageCache, stage_key, write_json_atomic
+from ssat.cache import RECORD, StageCache, write_json_atomic
+from ssat.pipeline.stage import stage_key, values_at
 
 
 class Compute:
@@ -33,17 +34,26 @@ class Compute:
 INPUTS = {"model": {"depth": 28, "width": 10}, "seed": 0, "budget": 0.2}
 
 
+def key_of(name, inputs):
+    return stage_key(name, 1, values_at(OmegaConf.create(inputs), inputs), {})
+
+
+def run(cache, name, inputs, compute):
+    """A stage under the key the runner would give a stage reading ``inputs``."""
+    return cache.run(name, key_of(name, inputs), inputs, compute)
+
+
 def test_second_run_is_cached_and_does_not_compute(tmp_path):
     """A second run with the same inputs returns cached=True, the same path, seconds and info, no new compute."""
     cache = StageCache(tmp_path)
     compute = Compute({"acc": 0.75, "n": 3})
-    first = cache.run("embed", INPUTS, compute)
+    first = run(cache, "embed", INPUTS, compute)
     assert not first.cached and compute.calls == 1
     assert first.path == tmp_path.resolve() / "embed" / first.key
     assert (first.path / "artifact.txt").read_text() == "call 1"
     assert first.info == {"acc": 0.75, "n": 3}
 
-    second = StageCache(tmp_path).run("embed", dict(INPUTS), compute)  # a new cache object: read from disk
+    second = run(StageCache(tmp_path), "embed", dict(INPUTS), compute)  # a new cache object: read from disk
     assert compute.calls == 1
     assert second.cached
     assert second.key == first.key and second.path == first.path
@@ -56,10 +66,10 @@ def test_second_run_is_cached_and_does_not_compute(tmp_path):
 def test_different_inputs_give_a_new_key_and_compute(tmp_path):
     cache = StageCache(tmp_path)
     compute = Compute()
-    a = cache.run("select", INPUTS, compute)
-    b = cache.run("select", {**INPUTS, "budget": 0.3}, compute)
-    c = cache.run("select", {**INPUTS, "model": {"depth": 28, "width": 4}}, compute)
-    d = cache.run("pseudo_label", INPUTS, compute)  # same inputs, another stage
+    a = run(cache, "select", INPUTS, compute)
+    b = run(cache, "select", {**INPUTS, "budget": 0.3}, compute)
+    c = run(cache, "select", {**INPUTS, "model": {"depth": 28, "width": 4}}, compute)
+    d = run(cache, "pseudo_label", INPUTS, compute)  # same inputs, another stage
     assert compute.calls == 4
     assert len({a.key, b.key, c.key}) == 3
     assert len({a.path, b.path, c.path, d.path}) == 4
@@ -67,34 +77,39 @@ def test_different_inputs_give_a_new_key_and_compute(tmp_path):
 
 
 def test_key_is_the_same_for_dict_and_dictconfig():
-    """Equal inputs hash alike whether given as plain containers or as OmegaConf nodes, in any key order."""
+    """Equal values hash alike whether given as plain containers or as OmegaConf nodes, in any key order."""
     plain = {"dataset": {"name": "digits", "augment": {"crop": 2, "flip": True}}, "seeds": [1, 2], "budget": 0.2}
-    conf = {"dataset": OmegaConf.create({"augment": {"flip": True, "crop": 2}, "name": "digits"}),
-            "seeds": OmegaConf.create([1, 2]), "budget": 0.2}
-    assert stage_key("embed", plain) == stage_key("embed", conf)
-    assert stage_key("embed", plain) == stage_key("embed", OmegaConf.create(plain))
-    assert stage_key("embed", plain) != stage_key("select", plain)
+    conf = OmegaConf.create({"dataset": {"augment": {"flip": True, "crop": 2}, "name": "digits"}, "seeds": [1, 2],
+                             "budget": 0.2})
+    paths = ["dataset", "seeds", "budget"]
+    assert stage_key("embed", 1, values_at(conf, paths), {}) == key_of("embed", plain)
+    assert key_of("embed", plain) != key_of("select", plain)
+    assert stage_key("embed", 1, values_at(conf, paths), {}) != stage_key("embed", 2, values_at(conf, paths), {})
     changed = {**plain, "dataset": {"name": "digits", "augment": {"crop": 4, "flip": True}}}
-    assert stage_key("embed", plain) != stage_key("embed", changed)
+    assert key_of("embed", plain) != key_of("embed", changed)
 
 
-def test_key_resolves_interpolations():
-    """A DictConfig is hashed by its resolved values."""
-    conf = OmegaConf.create({"base": 3, "model": {"width": "${base}"}})
-    assert stage_key("s", {"model": conf.model}) == stage_key("s", {"model": {"width": 3}})
+def test_key_resolves_interpolations_and_leaves_out_locations():
+    """A config is hashed by its resolved values; where the data set and the cache live is in no key."""
+    conf = OmegaConf.create({"base": 3, "model": {"width": "${base}"}, "dataset": {"name": "d", "root": "/a"},
+                             "cache_dir": "/x"})
+    moved = OmegaConf.create({"base": 3, "model": {"width": 3}, "dataset": {"name": "d", "root": "/b"},
+                              "cache_dir": "/y"})
+    paths = ["model", "dataset", "cache_dir"]
+    assert values_at(conf, paths) == values_at(moved, paths) == {"model": {"width": 3}, "dataset": {"name": "d"}}
 
 
 def test_failed_compute_leaves_only_a_partial_folder_and_resumes(tmp_path):
     """A compute that raises leaves <key>.partial (never <key>); a later run finishes it and sees its files."""
     cache = StageCache(tmp_path)
-    key = stage_key("ssat", INPUTS)
+    key = key_of("ssat", INPUTS)
 
     def crash(out):
         (out / "checkpoint.pt").write_text("epoch 3")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        cache.run("ssat", INPUTS, crash)
+        run(cache, "ssat", INPUTS, crash)
     stage_dir = tmp_path / "ssat"
     assert sorted(p.name for p in stage_dir.iterdir()) == [f"{key}.lock", f"{key}.partial"]
     assert not (stage_dir / key).exists()
@@ -106,13 +121,13 @@ def test_failed_compute_leaves_only_a_partial_folder_and_resumes(tmp_path):
         seen["checkpoint"] = (out / "checkpoint.pt").read_text()
         return {"resumed_from": seen["checkpoint"]}
 
-    result = cache.run("ssat", INPUTS, resume)
+    result = run(cache, "ssat", INPUTS, resume)
     assert not result.cached
     assert seen["checkpoint"] == "epoch 3"
     assert result.info == {"resumed_from": "epoch 3"}
     assert sorted(p.name for p in stage_dir.iterdir()) == [key, f"{key}.lock"]
     assert (stage_dir / key / "checkpoint.pt").read_text() == "epoch 3"
-    assert cache.run("ssat", INPUTS, crash).cached  # complete now: the crashing compute is not called
+    assert run(cache, "ssat", INPUTS, crash).cached  # complete now: the crashing compute is not called
 
 
 def test_write_json_atomic_leaves_no_temp_file(tmp_path):
@@ -137,7 +152,7 @@ HOLDER = textwrap.dedent("""
             time.sleep(0.05)
         return {"computed_by": "holder"}
 
-    StageCache(root).run("embed", {"seed": 0}, compute)
+    StageCache(root).run("embed", "0123456789abcdef", {"seed": 0}, compute)
 """)
 
 
@@ -154,7 +169,8 @@ def start_holder(tmp_path):
 
 def run_in_thread(cache, compute):
     out = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", cache.run("embed", {"seed": 0}, compute)))
+    thread = threading.Thread(
+        target=lambda: out.setdefault("result", cache.run("embed", "0123456789abcdef", {"seed": 0}, compute)))
     thread.start()
     return thread, out
 

@@ -47,19 +47,19 @@ class Writes:
 def test_a_corrupt_stage_is_moved_aside_and_computed_again(tmp_path, caplog, damage):
     _, corrupt, problem = damage
     cache, compute = StageCache(tmp_path), Writes()
-    first = cache.run("embed", {"seed": 0}, compute)
+    first = cache.run("embed", "0123456789abcdef", {"seed": 0}, compute)
     assert json.loads((first.path / RECORD).read_text())["files"]["sub/data.bin"][0] == 16384
-    assert cache.run("embed", {"seed": 0}, compute).cached  # intact: reused, nothing recomputed
+    assert cache.run("embed", "0123456789abcdef", {"seed": 0}, compute).cached  # intact: reused, nothing recomputed
     corrupt(first.path)
     with caplog.at_level(logging.WARNING, logger="ssat"):
-        again = cache.run("embed", {"seed": 0}, compute)
+        again = cache.run("embed", "0123456789abcdef", {"seed": 0}, compute)
     assert not again.cached and compute.calls == 2 and again.info == {"calls": 2}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert str(first.path) in warnings[0] and problem in warnings[0] and "computing stage embed again" in warnings[0]
     aside = [p for p in (tmp_path / "embed").iterdir() if ".corrupt-" in p.name]
     assert len(aside) == 1 and aside[0].name in warnings[0]
-    assert cache.run("embed", {"seed": 0}, compute).cached  # the recomputed stage is whole again
+    assert cache.run("embed", "0123456789abcdef", {"seed": 0}, compute).cached  # the recomputed stage is whole again
 
 
 # Per stage of the pipeline: a file it wrote and how it is damaged (each artifact type in turn).

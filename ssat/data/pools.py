@@ -67,9 +67,10 @@ class MemmapImages:
         return 4
 
     @property
-    def fingerprint(self) -> list[tuple[str, int, int]]:
-        """(path, size, mtime) of each part: it changes when a source is converted again, and with it the cache keys."""
-        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.paths]
+    def fingerprint(self) -> list[tuple[int, int]]:
+        """(size, mtime) of each part: it changes when a source is converted again, and with it the cache keys; it
+        does not change when the cache that holds the parts moves."""
+        return [(p.stat().st_size, p.stat().st_mtime_ns) for p in self.paths]
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -26,6 +27,22 @@ class SemiSupervisedData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """A hash of what was read, for the cache keys in place of where it was read from. A memory-mapped pool
+        (millions of images) is represented by its files' sizes and modification times, not read whole."""
+        digest = hashlib.sha256()
+        for part in fields(self):
+            value = getattr(self, part.name)
+            digest.update(part.name.encode())
+            if isinstance(value, np.ndarray):
+                digest.update(repr((value.dtype.str, value.shape)).encode())
+                digest.update(np.ascontiguousarray(value).data)
+            elif hasattr(value, "fingerprint"):
+                digest.update(repr(value.fingerprint).encode())
+            else:
+                digest.update(repr(value).encode())
+        return digest.hexdigest()[:16]
 
     def sizes(self) -> dict[str, int]:
         return {

@@ -107,7 +107,17 @@ def mix_per_class(scores: np.ndarray | None, n: int, boundary_fraction: float, r
 
 
 class Selector:
-    """Base of the score-based selectors: subclasses implement ``score`` (lower = closer to the boundary)."""
+    """Base of the score-based selectors: subclasses implement ``score`` (lower = closer to the boundary).
+
+    Capabilities that shape the pipeline, so that it never asks what a selector is: ``pool_stages(cfg)`` (the
+    stages that make the pool, for a generative selector; none: the data's pool) and
+    ``chooses_during_training`` (the selection is only the candidates; the SSAT stage chooses among them).
+    """
+
+    chooses_during_training = False
+
+    def pool_stages(self, cfg) -> list:
+        return []
 
     def __init__(self, name: str, boundary_fraction: float = 0.0, class_balanced: bool = False):
         if not 0 <= boundary_fraction <= 1:

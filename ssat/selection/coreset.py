@@ -141,6 +141,8 @@ class CoresetSelector(Selector):
     summed gradient); ``per_class``: the coreset keeps each (pseudo-)class's share, as in ACS.
     """
 
+    chooses_during_training = True
+
     def __init__(self, name: str, algorithm: Craig | GradMatch, select_every: int = 20, kappa: float = 0.6,
                  per_batch: int | None = None, per_class: bool = True, fc_weights: bool = False,
                  batch_size: int = 256):

@@ -14,6 +14,11 @@ class GuidedGeneration(FullSelector):
         super().__init__(name)
         self.guidance = guidance
 
+    def pool_stages(self, cfg) -> list:
+        from ssat.stages.generate import generation_stages  # the stages import the selectors
+
+        return generation_stages(cfg)
+
     def check(self, num_candidates: int, has_labels: bool) -> None:
         if has_labels:
             raise ConfigError(f"selector={self.name} generates the unlabeled pool; selection.target=labeled does "

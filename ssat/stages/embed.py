@@ -22,8 +22,13 @@ from tqdm.auto import tqdm
 from ssat import distributed
 from ssat.attacks import eval_mode
 from ssat.cache import write_json_atomic
+from ssat.config import build
 from ssat.errors import ConfigError
+from ssat.pipeline.runner import StageContext
+from ssat.pipeline.stage import Stage
 from ssat.selection import PoolEmbedding
+from ssat.selection.target import selection_target
+from ssat.stages.training import load_weights
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PROGRESS = "progress.json"
@@ -129,3 +134,23 @@ def load_embedding(stage_dir: Path):
     """The pool embedding written by embed_pool, memory-mapped read-only."""
     return PoolEmbedding(np.load(stage_dir / "features.npy", mmap_mode="r"),
                          np.load(stage_dir / "logits.npy", mmap_mode="r"))
+
+
+def selection_model(ctx: StageContext) -> nn.Module:
+    """The intermediate model with its best weights (built from ``model``, which the intermediate stage reads)."""
+    return load_weights(build(ctx.cfg.model), ctx.path("intermediate") / "model.pt")
+
+
+def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
+    candidates = selection_target(ctx.cfg.selection.target).candidates(ctx.value("pool"))
+    return embed_pool(selection_model(ctx), candidates, out, ctx.cfg.embed.batch_size, ctx.device,
+                      ctx.cfg.embed.dtype)
+
+
+def _describe(ctx: StageContext) -> str:
+    target = selection_target(ctx.cfg.selection.target)
+    return f"features of {len(target.candidates(ctx.value('pool')))} {target.name} images"
+
+
+STAGE = Stage("embed", _run, needs=("intermediate", "pool"), every_rank=True, describe=_describe,
+              reads=("embed", "selection.target", "trainer.accelerator"))

@@ -17,13 +17,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
 from ssat.attacks import AutoAttack, eval_mode, pgd_attack, project_linf
 from ssat.cache import save_npy_atomic
+from ssat.config import build
+from ssat.data.splits import take_test_subset
+from ssat.pipeline.runner import StageContext
+from ssat.pipeline.stage import Stage
+from ssat.stages.training import load_weights
 
 log = logging.getLogger("ssat")
 
@@ -161,3 +168,23 @@ def sanity_checks(flags: ResumableFlags, clean: np.ndarray, robust: np.ndarray, 
                     "do not trust the robust accuracy", name, {k: v for k, v in checks[name].items() if k != "passed"})
     return {"passed": not failed, "failed": failed, "num_points": int(len(subset)), "tolerance": tolerance,
             "checks": checks}
+
+
+def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
+    data = take_test_subset(ctx.value("data"), ctx.cfg.test_size)
+    L.seed_everything(ctx.cfg.seed, verbose=False)
+    model = load_weights(build(ctx.cfg.model), ctx.path("ssat") / "model.pt")
+    ev = OmegaConf.to_container(ctx.cfg.eval, resolve=True)
+    return evaluate(model, data.test_images, data.test_labels, out, ev["batch_size"], ev["pgd"], ev["autoattack"],
+                    ev["sanity"], ctx.device, ev["chunk_size"], ctx.cfg.seed)
+
+
+def _describe(ctx: StageContext) -> str:
+    ev, n = ctx.cfg.eval, len(take_test_subset(ctx.value("data"), ctx.cfg.test_size).test_labels)
+    return (f"clean, PGD-{ev.pgd.steps} ({ev.pgd.loss}, {ev.pgd.restarts} restart(s))"
+            f"{', AutoAttack ' + ev.autoattack.version if ev.autoattack.enabled else ''} on {n} test images and "
+            f"sanity checks")
+
+
+STAGE = Stage("evaluate", _run, needs=("ssat", "data"), reads=("eval", "test_size", "seed", "trainer.accelerator"),
+              describe=_describe)

@@ -9,6 +9,7 @@ from its progress.json.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,23 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ssat import distributed
 from ssat.attacks import eval_mode
+from ssat.config import build
+from ssat.data.pools import MemmapImages
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
 from ssat.generation.guidance import GuidanceLoss
-from ssat.generation.sampling import generate_pool
-from ssat.generation.unet import build_unet, check_lambda, load_ddpm, new_scheduler, save_ddpm
+from ssat.generation.sampling import IMAGES, generate_pool
+from ssat.generation.unet import build_unet, check_lambda, check_pretrained, load_ddpm, new_scheduler, save_ddpm
 from ssat.lightning.ddpm import DDPMModule, to_unit_range
+from ssat.pipeline.runner import StageContext
+from ssat.pipeline.stage import Stage
+from ssat.stages.embed import selection_model
 from ssat.stages.training import TrainerFactory
 
 UNET_DIR = "unet"
@@ -151,3 +158,107 @@ def sample(unet_dir_or_id: str, out_dir: Path, n: int, batch_size: int, seed: in
     unet, noise_scheduler = load_ddpm(unet_dir_or_id)
     return generate_pool(unet, noise_scheduler.config, Path(out_dir), n, batch_size, seed, scheduler,
                          num_inference_steps, device)
+
+
+# What an unconditional DDPM trained from scratch may learn from: labels are not needed, so the pool may join.
+PRETRAIN_IMAGES = {
+    "labeled": lambda data: data.labeled_images,
+    "labeled_and_pool": lambda data: np.concatenate([data.labeled_images, np.asarray(data.pool_images)]),
+}
+
+
+def check_generation(cfg, data: SemiSupervisedData) -> None:
+    """The generation settings and the DDPM source, checked before the intermediate model trains."""
+    gen = cfg.generation
+    if gen.pretrained is None and gen.pretrain.images not in PRETRAIN_IMAGES:
+        raise ConfigError(f"generation.pretrain.images={gen.pretrain.images!r} is not one of "
+                          f"{', '.join(PRETRAIN_IMAGES)}")
+    check_lambda(gen.lam)
+    generated_pool_sizes(gen.num_images, gen.plain_fraction, cfg.budget, gen.budget_of)
+    _, channels, size, _ = data.labeled_images.shape
+    if gen.pretrained is not None:
+        check_pretrained(gen.pretrained, size, channels)
+
+
+def _pretrain(ctx: StageContext, out: Path) -> dict[str, Any]:
+    gen = ctx.cfg.generation
+    images = PRETRAIN_IMAGES[gen.pretrain.images](ctx.value("data"))
+    return ddpm_pretrain(images, out, ctx.trainer_factory(), OmegaConf.to_container(gen.unet), gen.pretrain.epochs,
+                         gen.pretrain.batch_size, gen.pretrain.lr, gen.pretrain.seed)
+
+
+DDPM_PRETRAIN = Stage(
+    "ddpm_pretrain", _pretrain, needs=("data",), reads=("generation.unet", "generation.pretrain", "trainer"),
+    every_rank=True, describe=lambda ctx: f"a small UNet from scratch on {ctx.cfg.generation.pretrain.images} "
+                                          f"images, {ctx.cfg.generation.pretrain.epochs} epochs")
+
+
+def _source(ctx: StageContext, out: Path | None):
+    """The DDPM to fine-tune and to draw plain samples from: the pretrained one's folder, or a hub id / local dir."""
+    if "ddpm_pretrain" in ctx.inputs:
+        return str(ctx.path("ddpm_pretrain") / UNET_DIR), None
+    return ctx.cfg.generation.pretrained, None
+
+
+DDPM_SOURCE = Stage("ddpm_source", _source, reads=("generation.pretrained",), cached=False)
+
+
+def _finetune(ctx: StageContext, out: Path) -> dict[str, Any]:
+    cfg, gen = ctx.cfg, ctx.cfg.generation
+    classifier = selection_model(ctx)
+    return ddpm_finetune(ctx.value("data"), classifier, ctx.value("ddpm_source"), out, ctx.trainer_factory(),
+                         build(cfg.selector).guidance, gen.lam, gen.finetune.epochs, gen.finetune.batch_size,
+                         gen.finetune.lr, gen.finetune.bank_size, cfg.seed, ctx.device)
+
+
+DDPM_FINETUNE = Stage(
+    "ddpm_finetune", _finetune, needs=("ddpm_source", "intermediate", "data"), every_rank=True, check=check_generation,
+    reads=("selector", "generation.lam", "generation.finetune", "seed", "trainer"),
+    describe=lambda ctx: f"{ctx.cfg.selector.name} guidance, lambda {ctx.cfg.generation.lam}, "
+                         f"{ctx.cfg.generation.finetune.epochs} epochs")
+
+SIZES = ("generation.num_images", "generation.plain_fraction", "generation.budget_of", "budget")
+
+
+def _sizes(ctx: StageContext) -> tuple[int, int]:
+    gen = ctx.cfg.generation
+    return generated_pool_sizes(gen.num_images, gen.plain_fraction, ctx.cfg.budget, gen.budget_of)
+
+
+def _sample(ctx: StageContext, out: Path) -> dict[str, Any]:
+    sampler = ctx.cfg.generation.sampler
+    return sample(str(ctx.path("ddpm_finetune") / UNET_DIR), out, _sizes(ctx)[0], sampler.batch_size, ctx.cfg.seed,
+                  sampler.scheduler, sampler.num_inference_steps, ctx.device)
+
+
+def _sample_plain(ctx: StageContext, out: Path) -> dict[str, Any]:
+    sampler = ctx.cfg.generation.sampler
+    return sample(ctx.value("ddpm_source"), out, _sizes(ctx)[1], sampler.batch_size, ctx.cfg.seed + 1,
+                  sampler.scheduler, sampler.num_inference_steps, ctx.device)
+
+
+SAMPLE = Stage("sample", _sample, needs=("ddpm_finetune",), every_rank=True,
+               reads=(*SIZES, "generation.sampler", "seed", "trainer.accelerator"),
+               describe=lambda ctx: f"{_sizes(ctx)[0]} images from the fine-tuned DDPM "
+                                    f"({ctx.cfg.generation.sampler.scheduler})")
+SAMPLE_PLAIN = Stage("sample_plain", _sample_plain, needs=("ddpm_source",), every_rank=True,
+                     reads=(*SIZES, "generation.sampler", "seed", "trainer.accelerator"),
+                     describe=lambda ctx: f"{_sizes(ctx)[1]} images from the DDPM before fine-tuning")
+
+
+def _generated_pool(ctx: StageContext, out: Path | None):
+    parts = [ctx.path(name) / IMAGES for name in ("sample", "sample_plain") if name in ctx.inputs]
+    return replace(ctx.value("data"), pool_images=MemmapImages(parts), pool_hidden_labels=None), None
+
+
+GENERATED_POOL = Stage("pool", _generated_pool, needs=("data", "sample"), cached=False)
+
+
+def generation_stages(cfg) -> list[Stage]:
+    """The stages that make a generative selector's pool: (pretrain,) fine-tune, sample (and plain samples)."""
+    gen = cfg.generation
+    plain = gen.plain_fraction > 0
+    source = DDPM_SOURCE if gen.pretrained is not None else replace(DDPM_SOURCE, needs=("ddpm_pretrain",))
+    return [*(() if gen.pretrained is not None else (DDPM_PRETRAIN,)), source, DDPM_FINETUNE, SAMPLE,
+            *((SAMPLE_PLAIN,) if plain else ()),
+            replace(GENERATED_POOL, needs=("data", "sample", "sample_plain")) if plain else GENERATED_POOL]

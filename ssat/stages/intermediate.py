@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import lightning as L
 from torch import nn
 
+from ssat import distributed
+from ssat.attacks import CrossEntropyLoss, PGDATLoss
+from ssat.config import build
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.splits import SemiSupervisedData
 from ssat.data.training_set import LabeledAndSelected
+from ssat.pipeline.runner import StageContext
+from ssat.pipeline.stage import Stage, When
 from ssat.stages.training import TrainerFactory, fit
 
 
@@ -24,3 +30,24 @@ def train_intermediate(model: nn.Module, data: SemiSupervisedData, out_dir: Path
     return fit(model, train_loss, train_set, sampler,
                data.val_images, data.val_labels, out_dir, make_trainer, "intermediate", epochs, optim, augment,
                eval_batch_size, val_pgd=None, loader=loader)
+
+
+def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
+    cfg = ctx.cfg
+    attack = cfg.attack if cfg.intermediate.adversarial else None
+    loss = PGDATLoss(eps=attack.eps, alpha=attack.alpha, steps=attack.steps) if attack else CrossEntropyLoss()
+    L.seed_everything(cfg.seed, verbose=False)
+    return train_intermediate(build(cfg.model), ctx.value("data"), out, ctx.trainer_factory(), loss,
+                              cfg.intermediate.epochs, cfg.intermediate.batch_size, cfg.intermediate.optim,
+                              cfg.dataset.augment, cfg.eval.batch_size, cfg.seed, distributed.rank(),
+                              distributed.world_size(), dict(cfg.loader))
+
+
+def _describe(ctx: StageContext) -> str:
+    return (f"{ctx.cfg.model._target_.rsplit('.', 1)[-1]} on {len(ctx.value('data').labeled_labels)} labeled "
+            f"images, {ctx.cfg.intermediate.epochs} epochs")
+
+
+STAGE = Stage("intermediate", _run, needs=("data",), every_rank=True, describe=_describe,
+              reads=("model", "intermediate", "seed", "trainer", "eval.batch_size",
+                     When("intermediate.adversarial", "attack")))

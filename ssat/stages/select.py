@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ssat.config import build
 from ssat.errors import check_finite
+from ssat.pipeline.runner import StageContext
+from ssat.pipeline.stage import Stage
 from ssat.selection import PoolEmbedding, Selector
+from ssat.selection.target import selection_target
+from ssat.stages.embed import load_embedding
 
 
 def select_pool(selector: Selector, pool: PoolEmbedding, budget: float, seed: int, out_dir: Path) -> dict[str, Any]:
@@ -28,3 +34,25 @@ def select_pool(selector: Selector, pool: PoolEmbedding, budget: float, seed: in
         "boundary": selection.num_boundary,
         "random": int(used - selection.num_boundary),
     }
+
+
+def _candidates(ctx: StageContext):
+    target = selection_target(ctx.cfg.selection.target)
+    return target, ctx.value("pool")
+
+
+def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
+    target, data = _candidates(ctx)
+    embedding = replace(load_embedding(ctx.path("embed")), images=target.candidates(data),
+                        labels=target.known_labels(data))
+    return select_pool(build(ctx.cfg.selector), embedding, ctx.cfg.budget, ctx.cfg.seed, out)
+
+
+def _describe(ctx: StageContext) -> str:
+    target, data = _candidates(ctx)
+    selector, n = build(ctx.cfg.selector), len(target.candidates(data))
+    return (f"{selector.name}, budget {ctx.cfg.budget} ({selector.num_selected(ctx.cfg.budget, n)} of {n} "
+            f"{target.name} points)")
+
+
+STAGE = Stage("select", _run, needs=("embed", "pool"), reads=("selector", "budget", "seed"), describe=_describe)

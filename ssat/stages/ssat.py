@@ -6,15 +6,21 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+import lightning as L
 import numpy as np
 from torch import nn
 
+from ssat import distributed
 from ssat.attacks.losses import WeightedLoss
+from ssat.config import build
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.splits import SemiSupervisedData
 from ssat.data.training_set import LabeledAndSelected
 from ssat.lightning.coreset import CoresetReselection
+from ssat.pipeline.runner import StageContext
+from ssat.pipeline.stage import Stage
 from ssat.selection.coreset import CoresetSelector
+from ssat.selection.target import selection_target
 from ssat.stages.training import TrainerFactory, fit
 
 
@@ -44,3 +50,35 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
                make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, loader, ema, patience,
                callbacks=(reselection,))
     return {**info, **reselection.summary()}
+
+
+def _training_data(ctx: StageContext):
+    target, data = selection_target(ctx.cfg.selection.target), ctx.value("pool")
+    return target.training_data(data, np.load(ctx.path("select") / "selection.npy"),
+                                np.load(ctx.path("pseudo_label") / "pseudo_labels.npy"))
+
+
+def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
+    cfg, ssat_cfg = ctx.cfg, ctx.cfg.ssat
+    selector = build(cfg.selector)
+    train_data, selection, labels = _training_data(ctx)
+    L.seed_everything(cfg.seed, verbose=False)
+    return train_ssat(build(cfg.model), train_data, selection, labels, out, ctx.trainer_factory(), build(cfg.attack),
+                      ssat_cfg.epochs, ssat_cfg.batch_size, ssat_cfg.unsup_fraction, ssat_cfg.batches_per_epoch,
+                      ssat_cfg.optim, cfg.dataset.augment, cfg.eval.batch_size, dict(cfg.eval.val_pgd), cfg.seed,
+                      distributed.rank(), distributed.world_size(), dict(cfg.loader),
+                      ema=dict(ssat_cfg.ema) if ssat_cfg.ema.decay is not None else None,
+                      patience=ssat_cfg.early_stopping.patience,
+                      coreset=selector if selector.chooses_during_training else None,
+                      coreset_size=ctx.inputs["select"].info["selected"])
+
+
+def _describe(ctx: StageContext) -> str:
+    train_data, selection, _ = _training_data(ctx)
+    return (f"{ctx.cfg.attack.name} on {len(train_data.labeled_labels)} labeled + {len(selection)} pseudo-labeled, "
+            f"{ctx.cfg.ssat.epochs} epochs")
+
+
+STAGE = Stage("ssat", _run, needs=("pool", "select", "pseudo_label"), every_rank=True, describe=_describe,
+              reads=("model", "ssat", "attack", "selector", "budget", "seed", "trainer", "selection.target",
+                     "eval.val_pgd", "eval.batch_size"))

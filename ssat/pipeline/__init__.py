@@ -1,0 +1,107 @@
+"""The pipeline's plan: data -> (a generative selector's pool stages) -> intermediate -> embed -> select ->
+pseudo_label -> ssat -> evaluate. Each stage is declared in its own module (ssat/stages/); the runner computes
+every key and reuses what the cache holds, so a sweep over selector and budget trains the intermediate model and
+embeds the pool once. ``+stage=<name>`` runs that stage and what it needs, then stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from ssat import distributed
+from ssat.attacks.autoattack import MIN_CLASSES as AUTOATTACK_MIN_CLASSES
+from ssat.cache import StageCache, check_writable
+from ssat.config import build
+from ssat.errors import ConfigError
+from ssat.pipeline.checks import check_config
+from ssat.pipeline.runner import Runner, upstream
+from ssat.pipeline.stage import Stage
+from ssat.pipeline.summary import RunSummary, format_stages, format_summary, selection_sha256, write_run_dir
+from ssat.selection.target import selection_target
+from ssat.stages import embed, evaluate, intermediate, pseudo_label, select, ssat
+from ssat.stages.data import DATA, POOL, load_data
+
+__all__ = ["format_stages", "format_summary", "load_data", "plan", "run_pipeline"]
+log = logging.getLogger("ssat")
+
+
+def plan(selector, cfg: DictConfig) -> list[Stage]:
+    """Every stage of this run, the selector's own pool stages (a guided DDPM's) in place of the data's pool."""
+    return [DATA, *(selector.pool_stages(cfg) or [POOL]), intermediate.STAGE, embed.STAGE, select.STAGE,
+            pseudo_label.STAGE, ssat.STAGE, evaluate.STAGE]
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Runs (or reuses) every stage for this config, or those up to ``cfg.stage``, and writes the run directory."""
+    started = time.perf_counter()
+    check_config(cfg)
+    check_writable(cfg.cache_dir, "cache_dir")
+    check_writable(run_dir, "hydra.run.dir")
+    distributed.launch(cfg.trainer)  # under trainer=ddp the other ranks start here and run all that follows
+    runner = Runner(cfg, StageCache(cfg.cache_dir), run_dir)
+    data = runner.run([DATA])["data"].value
+    if cfg.dataset.num_classes is None:  # selectors may interpolate it
+        cfg.dataset.num_classes = data.num_classes
+    selector = build(cfg.selector)
+    stages = plan(selector, cfg)
+    check_before_work(cfg, selector, stages, data)
+    results = runner.run(upstream(stages, cfg.stage) if cfg.get("stage") else stages)
+    if cfg.get("stage"):
+        log.info("stage %s and what it needs are done\n\n%s\n", cfg.stage, format_stages(results))
+        return {"stage": cfg.stage, "robust_acc": None}
+    summary = summarise(cfg, selector, results, time.perf_counter() - started)
+    if distributed.rank() == 0:
+        write_run_dir(run_dir, results, summary)
+    return summary.to_dict()
+
+
+def check_before_work(cfg: DictConfig, selector, stages: list[Stage], data) -> None:
+    """What can be wrong with this run's settings, found before any stage trains."""
+    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
+        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
+                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
+    target = selection_target(cfg.selection.target)
+    selector.check(len(target.candidates(data)), target.known_labels(data) is not None)
+    selector.num_selected(cfg.budget, len(target.candidates(data)))
+    for stage in stages:
+        if stage.check is not None:
+            stage.check(cfg, data)
+
+
+def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> RunSummary:
+    """results.json from the stages' records."""
+    computed = {name: r for name, r in results.items() if r.path is not None}
+    data = results["pool"].value
+    sizes = data.sizes()
+    selected, trained, evaluated = results["select"].info, results["ssat"].info, results["evaluate"].info
+    generative = bool(selector.pool_stages(cfg))
+    sanity = evaluated["sanity"]
+    if not sanity["passed"]:
+        log.warning("!!! the evaluation failed its sanity checks: %s (results.json: sanity)",
+                    ", ".join(sanity["failed"]))
+    return RunSummary(
+        dataset=cfg.dataset.name, selector=selector.name,
+        budget=1.0 if selected["selected"] == selected["candidates"] and not generative else cfg.budget,
+        seed=cfg.seed, attack=cfg.attack.name, model=cfg.model._target_.rsplit(".", 1)[-1],
+        target=cfg.selection.target, sizes={**sizes, **selected}, n_pool=sizes["pool"],
+        n_generated=sizes["pool"] if generative else 0, n_selected=selected["selected"],
+        selection_sha256=selection_sha256(np.load(results["select"].path / "selection.npy")),
+        clean_acc=evaluated["clean_acc"], robust_acc=evaluated["robust_acc"],
+        autoattack_acc=evaluated.get("autoattack_acc"), autoattack_num_points=evaluated.get("autoattack_num_points"),
+        autoattack_warnings=evaluated.get("autoattack_warnings", []), sanity=sanity, sanity_passed=sanity["passed"],
+        pseudo_label_acc=results["pseudo_label"].info.get("pseudo_label_acc"),
+        intermediate_val_acc=results["intermediate"].info["best_val"], ssat_epochs=trained["epochs"],
+        ssat_best_epoch=trained["best_epoch"], ssat_epochs_to_convergence=trained["epochs_to_convergence"],
+        ssat_early_stopped=trained["early_stopped"], ssat_ema=trained["ema"],
+        timings={name: r.seconds for name, r in computed.items()},
+        selection_seconds=results["select"].seconds + trained.get("reselection_seconds", 0.0),
+        reselections=trained.get("reselections"), total_seconds=sum(r.seconds for r in computed.values()),
+        cached={name: r.cached for name, r in computed.items()},
+        stage_keys={name: r.key for name, r in computed.items()},
+        stage_dirs={name: str(r.path) for name, r in computed.items()}, wall_seconds=wall_seconds)

@@ -50,7 +50,8 @@ class When:
 @dataclass(frozen=True)
 class Stage:
     """``run(ctx, out_dir) -> info`` computes the stage into ``out_dir`` (the cache's work folder); ``describe(ctx)``
-    says in a few words what it is about to do. A stage that is not ``cached`` (the data, the pool) is computed in
+    says in a few words what it is about to do. ``version`` is part of the key: bump it when what the stage computes
+    changes (tests/test_stage_versions.py fails until it is, see ssat/pipeline/versions.py). A stage that is not ``cached`` (the data, the pool) is computed in
     memory on every run and returns its value; it has a key all the same, which its dependants' keys include."""
 
     name: str
@@ -62,6 +63,7 @@ class Stage:
     cached: bool = True
     describe: Callable[[StageContext], str] = field(default=lambda ctx: "")
     check: Callable[[DictConfig, Any], None] | None = None  # (cfg, data): its settings, before any stage runs
+    code: tuple[str, ...] = ()  # packages it runs code of that no import shows (built from a config's _target_)
 
     def paths(self, cfg: DictConfig) -> list[str]:
         """The declared paths that apply under this config."""

@@ -32,7 +32,7 @@ def _data(ctx: StageContext, out: Path | None):
     return data, data.fingerprint()
 
 
-DATA = Stage("data", _data, reads=("dataset", "pool", "val_size"), cached=False)
+DATA = Stage("data", _data, reads=("dataset", "pool", "val_size"), cached=False, code=("ssat.data",))
 
 
 def _data_pool(ctx: StageContext, out: Path | None):

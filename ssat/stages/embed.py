@@ -152,5 +152,5 @@ def _describe(ctx: StageContext) -> str:
     return f"features of {len(target.candidates(ctx.value('pool')))} {target.name} images"
 
 
-STAGE = Stage("embed", _run, needs=("intermediate", "pool"), every_rank=True, describe=_describe,
+STAGE = Stage("embed", _run, needs=("intermediate", "pool"), every_rank=True, describe=_describe, code=("ssat.models",),
               reads=("embed", "selection.target", "trainer.accelerator"))

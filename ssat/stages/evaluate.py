@@ -187,4 +187,4 @@ def _describe(ctx: StageContext) -> str:
 
 
 STAGE = Stage("evaluate", _run, needs=("ssat", "data"), reads=("eval", "test_size", "seed", "trainer.accelerator"),
-              describe=_describe)
+              describe=_describe, code=("ssat.models",))

@@ -189,7 +189,7 @@ def _pretrain(ctx: StageContext, out: Path) -> dict[str, Any]:
 
 DDPM_PRETRAIN = Stage(
     "ddpm_pretrain", _pretrain, needs=("data",), reads=("generation.unet", "generation.pretrain", "trainer"),
-    every_rank=True, describe=lambda ctx: f"a small UNet from scratch on {ctx.cfg.generation.pretrain.images} "
+    every_rank=True, code=("ssat.lightning",), describe=lambda ctx: f"a small UNet from scratch on {ctx.cfg.generation.pretrain.images} "
                                           f"images, {ctx.cfg.generation.pretrain.epochs} epochs")
 
 
@@ -214,6 +214,7 @@ def _finetune(ctx: StageContext, out: Path) -> dict[str, Any]:
 DDPM_FINETUNE = Stage(
     "ddpm_finetune", _finetune, needs=("ddpm_source", "intermediate", "data"), every_rank=True, check=check_generation,
     reads=("selector", "generation.lam", "generation.finetune", "seed", "trainer"),
+    code=("ssat.selection", "ssat.generation", "ssat.models", "ssat.lightning"),
     describe=lambda ctx: f"{ctx.cfg.selector.name} guidance, lambda {ctx.cfg.generation.lam}, "
                          f"{ctx.cfg.generation.finetune.epochs} epochs")
 

@@ -49,5 +49,6 @@ def _describe(ctx: StageContext) -> str:
 
 
 STAGE = Stage("intermediate", _run, needs=("data",), every_rank=True, describe=_describe,
+              code=("ssat.models", "ssat.lightning"),
               reads=("model", "intermediate", "seed", "trainer", "eval.batch_size",
                      When("intermediate.adversarial", "attack")))

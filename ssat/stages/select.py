@@ -55,4 +55,5 @@ def _describe(ctx: StageContext) -> str:
             f"{target.name} points)")
 
 
-STAGE = Stage("select", _run, needs=("embed", "pool"), reads=("selector", "budget", "seed"), describe=_describe)
+STAGE = Stage("select", _run, needs=("embed", "pool"), reads=("selector", "budget", "seed"), describe=_describe,
+              code=("ssat.selection", "ssat.clustering", "ssat.models", "ssat.attacks", "ssat.lightning"))

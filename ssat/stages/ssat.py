@@ -80,5 +80,6 @@ def _describe(ctx: StageContext) -> str:
 
 
 STAGE = Stage("ssat", _run, needs=("pool", "select", "pseudo_label"), every_rank=True, describe=_describe,
+              code=("ssat.models", "ssat.attacks", "ssat.selection", "ssat.lightning"),
               reads=("model", "ssat", "attack", "selector", "budget", "seed", "trainer", "selection.target",
                      "eval.val_pgd", "eval.batch_size"))

@@ -76,8 +76,8 @@ def test_pcs_order_is_the_releases_predconf():
 def test_lcs_km_boundary_is_the_releases_margin_rule_on_sklearn_kmeans():
     """TrustMLRG/EfficientSSAT datasets.py, method 'lcs-km': sklearn KMeans(n_clusters) on the features, Euclidean
     distances to the centroids, order by (second smallest - smallest distance) ascending, the first numboundary
-    points. ssat fits k-means with FAISS; on these clusters both reach the same partition, so the margins and the
-    boundary set must agree."""
+    points. ssat fits k-means with FAISS; on these clusters both reach the same partition (n_init=10 here, so that
+    the reference's one fit is not a poor local optimum), so the margins and the boundary set must agree."""
     rng = np.random.default_rng(1)
     centres = rng.normal(scale=4.0, size=(4, 8))
     features = np.concatenate([c + rng.normal(size=(150, 8)) for c in centres]).astype(np.float32)

@@ -291,6 +291,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "sizes": {**sizes, **selected.info},
         "n_pool": sizes["pool"],
         "n_generated": sizes["pool"] if generative else 0,
+        "guidance": selector.guidance.describe() if generative else None,  # PCG's sign: paper or release
         "n_selected": selected.info["selected"],
         # equal hashes across reruns show that the same command selects the same pool images
         "selection_sha256": hashlib.sha256(np.ascontiguousarray(selection, dtype=np.int64).tobytes()).hexdigest(),

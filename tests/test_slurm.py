@@ -106,3 +106,65 @@ def test_preempted_job_is_requeued_into_the_same_run_dir_and_resumes_from_its_ch
     first, second = ([int(line.split(",")[0]) for line in p.read_text().splitlines()[1:]] for p in attempts)
     assert max(first) < epochs - 1
     assert 0 < min(second) == max(first) + 1 and max(second) == epochs - 1
+
+
+def ended(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """The sweep's output once it has ended; a sweep still waiting after `timeout` s is killed and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the sweep still waited after {timeout} s:\n{proc.communicate()[0][-3000:]}") from None
+
+
+def array_id(sweep_dir: Path) -> str:
+    return wait_until("the array's submission", lambda: [p.name for p in (sweep_dir / ".submitit").glob("*")
+                                                          if p.name.isdigit()] if sweep_dir.exists() else None)[0]
+
+
+def in_queue(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+
+
+def one_error_line(log: str) -> str:
+    errors = [line for line in log.splitlines() if line.startswith("ssat: error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_job_that_slurm_will_never_start_cancels_the_array_and_ends_the_sweep_naming_the_setting(cluster, tmp_path):
+    """64 CPUs per task on a node with fewer: SLURM keeps the jobs PENDING (PartitionConfig) for ever."""
+    sweep_dir = tmp_path / "sweep"
+    proc = sweep("selector=random,lcs_km", "hydra.launcher.cpus_per_task=64", sweep_dir=sweep_dir,
+                 cache_dir=tmp_path / "cache")
+    job = array_id(sweep_dir)
+    try:
+        log = ended(proc)
+        left_in_queue = in_queue(job)  # before the clean-up below: the sweep itself must have cancelled the array
+    finally:
+        subprocess.run(["scancel", job])
+    assert proc.returncode == 1
+    error = one_error_line(log)
+    assert f"SLURM will never start job {job}_" in error and "reason PartitionConfig" in error
+    assert "request cpu=64," in error and "hydra.launcher.cpus_per_task=64 exceeds every node" in error
+    assert f"cancelled job {job}" in error and left_in_queue == ""
+
+
+@pytest.mark.slow
+def test_array_cancelled_while_running_ends_the_sweep(cluster, tmp_path):
+    """scancel of a running array, without an accounting database: the jobs leave the queue without a result."""
+    sweep_dir = tmp_path / "sweep"
+    proc = sweep("selector=random", "budget=0.1,0.2", "ssat.epochs=30", sweep_dir=sweep_dir,
+                 cache_dir=tmp_path / "cache")
+    job = array_id(sweep_dir)
+    try:
+        wait_until("a job of the array to run", lambda: " R " in f" {in_queue(job)} ", timeout=180)
+        subprocess.run(["scancel", job], check=True)
+        log = ended(proc)
+    finally:
+        subprocess.run(["scancel", job])
+    assert proc.returncode == 1
+    error = one_error_line(log)
+    assert f"job {job}_" in error and "CANCELLED without a result" in error
+    assert not list(sweep_dir.glob("*/results.json"))

@@ -82,6 +82,9 @@ def why_hopeless(job: Any, queue: dict[str, tuple[str, str]], params: dict[str, 
     if job.job_id not in queue:
         return f"job {job.job_id} left the queue without a result (its log: {job.paths.stderr})"
     state, reason = queue[job.job_id]
+    if state == "COMPLETED":  # the job wrote its result where this machine does not see it
+        return (f"job {job.job_id} ended COMPLETED without a result in {job.paths.folder}: put hydra.sweep.dir on a "
+                f"file system that every node shares")
     if state not in IN_QUEUE:
         return f"job {job.job_id} ended {state} without a result (its log: {job.paths.stderr})"
     if state == "PENDING" and reason in NEVER_STARTS:

@@ -11,12 +11,26 @@ from pathlib import Path
 
 import pytest
 
+from ssat.slurm import gpu_count, minutes
+
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
 # Tiny schedules and one CPU per job: the two CPUs of a CI machine run two jobs at once.
 TINY = ["intermediate.epochs=3", "eval.pgd.steps=3", "eval.val_pgd.steps=2", "hydra/launcher=slurm",
         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=15"]
+
+
+@pytest.mark.parametrize("limit, expected", [("infinite", None), ("UNLIMITED", None), ("30:00", 30),
+                                             ("4:00:00", 240), ("1-12:00:00", 2160), ("2-00:00:30", 2880.5)])
+def test_slurm_time_limits_read_in_minutes(limit, expected):
+    assert minutes(limit) == expected
+
+
+@pytest.mark.parametrize("gres, expected", [("(null)", 0), ("gpu:4", 4), ("gpu:a100:8(S:0-1),shard:16", 8),
+                                            ("gpu:a100:2,gpu:v100:2", 4)])
+def test_node_gpus_read_from_sinfo_gres(gres, expected):
+    assert gpu_count(gres) == expected
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@
 #   scripts/slurm_local.sh stop     stops what start started (by the pids it recorded)
 #   scripts/slurm_local.sh status   sinfo
 # Needs root and Debian's slurm-wlm 22.05 and munge (apt-get install slurm-wlm munge). No accounting database:
-# sacct warns and submitit falls back to squeue. Settings that work in a container: proctrack/linuxproc,
-# task/none, cgroup/v1 (no cgroup plugin is loaded with these), select/cons_tres.
+# sacct fails, so ssat's launcher (hydra_plugins/ssat_launcher/) waits on squeue. Settings that work in a
+# container: proctrack/linuxproc, task/none, cgroup/v1 (no cgroup plugin is loaded with these), select/cons_tres.
 # Exit status 3: this machine cannot run it (not root, packages missing); the message says why.
 set -euo pipefail
 

@@ -19,6 +19,11 @@ class WriteError(SsatError):
     """An output that cannot be written: a full disk, a read-only or missing folder, a path under a file."""
 
 
+class SweepError(SsatError):
+    """A sweep's job that SLURM will never start, or that left the queue without a result. Exit code 1: unlike bad
+    input, it shows only after submission."""
+
+
 class TrainingDiverged(SsatError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -63,6 +63,8 @@ def config_error(overrides: list[str], tmp_path) -> str:
     (["selector=lcg_km", "generation.lam=-1"], ["generation.lam=-1"]),
     (["selector=lcg_gmm", "generation.num_images=0"], ["generation.num_images=0"]),
     (["selector=pcg", "generation.pretrain.images=train"], ["generation.pretrain.images='train' is not one of"]),
+    (["selector=pcg", "selector.guidance.sign=minus"], ["selector.guidance.sign='minus'", "paper, release"]),
+    (["selector=extrapolation", "selector.epochs=10"], ["selector.epochs=10", "selector.window=10"]),
     (["eval.pgd.loss=hinge"], ["eval.pgd.loss='hinge'", "ce, cw"]),
     (["eval.val_pgd.restarts=3", "eval.val_pgd.random_start=false"], ["eval.val_pgd.restarts=3", "random_start"]),
     (["ssat.ema.decay=1.5"], ["ssat.ema.decay=1.5", "[0, 1)"]),

@@ -153,6 +153,7 @@ def test_guided_generation_runs_the_whole_chain(selector_runs, shared_cache, tmp
                    run_dir=tmp_path / "run", cache_dir=shared_cache)
     results = run.results
     assert results["n_generated"] == results["n_selected"] == results["sizes"]["pool"] == 64
+    assert results["guidance"] == {"name": "lcg_km"}
     assert results["budget"] == 0.2, "the budget that sized the generated pool, not 1 for using it whole"
     assert {"ddpm_pretrain", "ddpm_finetune", "sample", "sample_plain", "embed", "ssat", "evaluate"} <= set(
         results["timings"])

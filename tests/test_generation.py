@@ -96,10 +96,14 @@ def brute_force_gap(logits: np.ndarray, centres: np.ndarray, valid: np.ndarray) 
     return float(np.mean(gaps))
 
 
-def test_confidence_guidance_is_minus_mean_max_softmax():
+def test_confidence_guidance_sign_is_the_papers_by_default_and_the_releases_on_request():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 5.0, 1.0]])
     probs = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
-    assert ConfidenceGuidance()(logits).item() == pytest.approx(-probs.max(1).mean(), abs=1e-6)
+    assert ConfidenceGuidance()(logits).item() == pytest.approx(probs.max(1).mean(), abs=1e-6)
+    assert ConfidenceGuidance(sign="release")(logits).item() == pytest.approx(-probs.max(1).mean(), abs=1e-6)
+    with pytest.raises(ConfigError) as err:
+        ConfidenceGuidance(sign="minus")
+    assert one_line(err) == "selector.guidance.sign='minus' is not one of paper, release"
 
 
 @pytest.mark.parametrize("guidance_class", [CentroidGapGuidance, GMMGapGuidance])
@@ -148,6 +152,41 @@ def test_guidance_gradient_reaches_the_unet_and_not_the_classifier(guidance_clas
 
 
 # --- the guided fine-tuning does what it is for
+
+
+def x0_hat_confidence(module: DDPMModule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> float:
+    """Mean max softmax of the classifier on the module's predicted clean samples for this batch, noise and t."""
+    with torch.no_grad():
+        x_t = module.noise_scheduler.add_noise(x0, eps, t)
+        x0_hat = module.predicted_x0(x_t, t, module.unet(x_t, t).sample)
+        return float(module.classifier((x0_hat + 1) / 2).softmax(1).amax(1).mean())
+
+
+@pytest.mark.parametrize("sign, direction", [(None, -1), ("release", +1)])
+def test_one_pcg_step_lowers_confidence_by_default_and_raises_it_with_the_release_sign(sign, direction,
+                                                                                        classifier, data):
+    """METHODS.md section 3: PCG aims at low-confidence samples; the release's sign pushes confidence up. One Adam
+    step of the real DDPMModule (the UNet and the guidance built from the config tree) on a fixed batch, noise and
+    timesteps moves the mean max softmax of x0_hat down with the default sign and up with sign=release."""
+    overrides = ["selector=pcg", *([f"selector.guidance.sign={sign}"] if sign else [])]
+    with initialize_config_module(config_module="ssat.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    guidance = build(cfg.selector).guidance
+    assert guidance.describe() == {"name": "pcg", "sign": sign or "paper"}, "what results.json records"
+    torch.manual_seed(0)
+    module = DDPMModule(build_unet(8, 1, cfg.generation.unet), new_scheduler(), classifier, guidance, lam=20.0,
+                        lr=1e-3)
+    module.train()
+    x0 = to_unit_range(torch.from_numpy(data.labeled_images[:64]))
+    t = torch.linspace(50, 400, 64).long()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    before = x0_hat_confidence(module, x0, t, eps)
+    optimizer = module.configure_optimizers()
+    parts = module.losses(x0, t, eps)
+    (parts["ddpm"] + module.lam * parts["reg"]).backward()
+    optimizer.step()
+    after = x0_hat_confidence(module, x0, t, eps)
+    assert direction * (after - before) > 0.01, (before, after)
 
 
 def sample_gap(unet_dir, out_dir, classifier, guidance) -> float:

@@ -110,6 +110,29 @@ def test_b_zero_is_a_uniform_draw(scores):
     assert abs(freq[lowest].mean() - n / n_pool) < 0.03
 
 
+@pytest.mark.parametrize("class_balanced", [False, True])
+def test_tied_scores_select_at_random_not_the_first_rows(class_balanced):
+    """Issue 13: equal scores are ordered by a seeded random permutation, never by position. With every score
+    equal the boundary part is a uniform draw: not the first rows, and over seeds each row is as likely."""
+    n_pool, budget, b, draws = 40, 0.25, 0.6, 2000
+    pool = _pool(n_pool)
+    selector = FixedScoreSelector(np.zeros(n_pool), b)
+    selector.class_balanced = class_balanced
+    classes = pool.classes() if class_balanced else np.zeros(n_pool, dtype=np.int64)
+    first = selector.select(pool, budget, seed=0)
+    n_b = first.num_boundary
+    assert n_b >= 5 and not np.array_equal(np.sort(first.indices[:n_b]), np.arange(n_b))
+    np.testing.assert_array_equal(first.indices, selector.select(pool, budget, seed=0).indices)
+    # a row's chance: its class's boundary count over the class's size (one class unless class_balanced)
+    per_class = np.bincount(classes[first.indices[:n_b]], minlength=classes.max() + 1) / np.bincount(classes)
+    counts = np.zeros(n_pool)
+    for seed in range(draws):
+        sel = selector.select(pool, budget, seed)
+        counts[sel.indices[sel.is_boundary]] += 1
+    # chances near 0.15: binomial sd 0.008 over 2000 draws; 0.04 is 5 sigma
+    assert np.abs(counts / draws - per_class[classes]).max() < 0.04
+
+
 def test_random_selector_and_zero_fraction_do_not_score():
     """RandomSelector (b = 0) never calls score and matches the rule with b = 0."""
     pool = _pool(50)
@@ -299,7 +322,30 @@ def test_gmm_posterior_gap_puts_midway_points_first(blobs):
     selector = GMMSelector(boundary_fraction=1.0, n_components=3, score="posterior_gap")
     sel = selector.select(_embedding(feats), budget=n_mid / len(feats), seed=0)
     np.testing.assert_array_equal(np.sort(sel.indices), blobs["midway"])
-    assert np.all((sel.scores >= 0) & (sel.scores <= 1))
+    assert np.all(sel.scores >= 0)
+
+
+def test_gmm_posterior_gap_ranks_points_whose_posteriors_round_to_one():
+    """Issue 13: on far-apart blobs every posterior rounds to exactly 1 and 0, so the gaps of posteriors all tie
+    at 1.0 (and a stable sort took the pool in file order); the gap of log-posteriors still puts the points
+    between two blobs (40% of the way, not on the bisector) first."""
+    rng = np.random.default_rng(7)
+    dim, per_blob, sep = 4, 200, 100.0
+    centres = np.zeros((3, dim))
+    centres[1, 0], centres[2, 1] = sep, sep
+    pairs = [(0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1)]
+    between = np.array([centres[i] + 0.4 * (centres[j] - centres[i]) for i, j in pairs])
+    features = np.concatenate([c + rng.normal(size=(per_blob, dim)) for c in centres] + [between])
+    order = rng.permutation(len(features))
+    features = features[order].astype(np.float32)
+    between_idx = np.sort(np.argsort(order)[3 * per_blob:])
+    selector = GMMSelector(boundary_fraction=1.0, n_components=3, score="posterior_gap", pca_dim=None,
+                           max_fit_points=None)
+    sel = selector.select(_embedding(features), budget=len(between) / len(features), seed=0)
+    _, posteriors = selector.fitted_.score(features)
+    top2 = np.sort(posteriors, axis=1)[:, -2:]
+    assert np.all(top2[:, 1] - top2[:, 0] == 1.0), "the posteriors tie: the case this guards"
+    np.testing.assert_array_equal(np.sort(sel.indices), between_idx)
 
 
 def test_gmm_loglik_puts_far_outliers_first_and_loglik_high_reverses(blobs):

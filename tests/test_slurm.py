@@ -11,12 +11,26 @@ from pathlib import Path
 
 import pytest
 
+from ssat.slurm import gpu_count, minutes
+
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
 # Tiny schedules and one CPU per job: the two CPUs of a CI machine run two jobs at once.
 TINY = ["intermediate.epochs=3", "eval.pgd.steps=3", "eval.val_pgd.steps=2", "hydra/launcher=slurm",
         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=15"]
+
+
+@pytest.mark.parametrize("limit, expected", [("infinite", None), ("UNLIMITED", None), ("30:00", 30),
+                                             ("4:00:00", 240), ("1-12:00:00", 2160), ("2-00:00:30", 2880.5)])
+def test_slurm_time_limits_read_in_minutes(limit, expected):
+    assert minutes(limit) == expected
+
+
+@pytest.mark.parametrize("gres, expected", [("(null)", 0), ("gpu:4", 4), ("gpu:a100:8(S:0-1),shard:16", 8),
+                                            ("gpu:a100:2,gpu:v100:2", 4)])
+def test_node_gpus_read_from_sinfo_gres(gres, expected):
+    assert gpu_count(gres) == expected
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +120,65 @@ def test_preempted_job_is_requeued_into_the_same_run_dir_and_resumes_from_its_ch
     first, second = ([int(line.split(",")[0]) for line in p.read_text().splitlines()[1:]] for p in attempts)
     assert max(first) < epochs - 1
     assert 0 < min(second) == max(first) + 1 and max(second) == epochs - 1
+
+
+def ended(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """The sweep's output once it has ended; a sweep still waiting after `timeout` s is killed and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the sweep still waited after {timeout} s:\n{proc.communicate()[0][-3000:]}") from None
+
+
+def array_id(sweep_dir: Path) -> str:
+    return wait_until("the array's submission", lambda: [p.name for p in (sweep_dir / ".submitit").glob("*")
+                                                          if p.name.isdigit()] if sweep_dir.exists() else None)[0]
+
+
+def in_queue(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+
+
+def one_error_line(log: str) -> str:
+    errors = [line for line in log.splitlines() if line.startswith("ssat: error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_job_that_slurm_will_never_start_cancels_the_array_and_ends_the_sweep_naming_the_setting(cluster, tmp_path):
+    """64 CPUs per task on a node with fewer: SLURM keeps the jobs PENDING (PartitionConfig) for ever."""
+    sweep_dir = tmp_path / "sweep"
+    proc = sweep("selector=random,lcs_km", "hydra.launcher.cpus_per_task=64", sweep_dir=sweep_dir,
+                 cache_dir=tmp_path / "cache")
+    job = array_id(sweep_dir)
+    try:
+        log = ended(proc)
+        left_in_queue = in_queue(job)  # before the clean-up below: the sweep itself must have cancelled the array
+    finally:
+        subprocess.run(["scancel", job])
+    assert proc.returncode == 1
+    error = one_error_line(log)
+    assert f"SLURM will never start job {job}_" in error and "reason PartitionConfig" in error
+    assert "request cpu=64," in error and "hydra.launcher.cpus_per_task=64 exceeds every node" in error
+    assert f"cancelled job {job}" in error and left_in_queue == ""
+
+
+@pytest.mark.slow
+def test_array_cancelled_while_running_ends_the_sweep(cluster, tmp_path):
+    """scancel of a running array, without an accounting database: the jobs leave the queue without a result."""
+    sweep_dir = tmp_path / "sweep"
+    proc = sweep("selector=random", "budget=0.1,0.2", "ssat.epochs=30", sweep_dir=sweep_dir,
+                 cache_dir=tmp_path / "cache")
+    job = array_id(sweep_dir)
+    try:
+        wait_until("a job of the array to run", lambda: " R " in f" {in_queue(job)} ", timeout=180)
+        subprocess.run(["scancel", job], check=True)
+        log = ended(proc)
+    finally:
+        subprocess.run(["scancel", job])
+    assert proc.returncode == 1
+    error = one_error_line(log)
+    assert f"job {job}_" in error and "CANCELLED without a result" in error
+    assert not list(sweep_dir.glob("*/results.json"))

@@ -56,14 +56,16 @@ class TradesLoss:
         with attack_mode(model):
             with torch.no_grad():
                 log_p_clean = F.log_softmax(model(x), dim=1)
-            x_adv = project_linf(x + 0.001 * torch.randn_like(x), x, self.eps)
+            # TRADES' start: x + 0.001 N(0, I), projected only after the first step (the noise of pixels at 0 or 1
+            # stays in the first step's sum)
+            x_adv = x + 0.001 * torch.randn_like(x)
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
                     kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), log_p_clean, reduction="sum", log_target=True)
                     (grad,) = torch.autograd.grad(kl, x_adv)
                     x_adv = project_linf(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
-        return x_adv.detach()
+        return project_linf(x_adv.detach(), x, self.eps)
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.adversarial_examples(model, x)

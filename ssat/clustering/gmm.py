@@ -155,15 +155,24 @@ class _TorchMixture:
 
         return cls(as64(fit.weights), as64(fit.means), as64(fit.covariances), fit.covariance_type)
 
-    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row log-likelihood (B,) and responsibilities (B, K), float64; on a CPU in cache-sized chunks."""
+    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch whole on a GPU; on a CPU in cache-sized chunks."""
         if x.device.type != "cpu":
-            return self._log_prob(x)
-        chunk_rows = max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // self.means32.numel())
-        parts = [self._log_prob(chunk) for chunk in x.split(chunk_rows)]
+            return (x,)
+        return x.split(max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // self.means32.numel()))
+
+    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row log-likelihood (B,) and responsibilities (B, K), float64."""
+        parts = [self._log_prob(chunk) for chunk in self._chunks(x)]
         return torch.cat([loglik for loglik, _ in parts]), torch.cat([resp for _, resp in parts])
 
-    def _log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_posteriors(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(k | x) (B, K), float64."""
+        weighted = torch.cat([self._weighted_log_prob(chunk) for chunk in self._chunks(x)])
+        return weighted - torch.logsumexp(weighted, dim=1, keepdim=True)
+
+    def _weighted_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log w_k + log N(x | mu_k, Sigma_k) (B, K), float64."""
         n_components, dim = self.means32.shape
         if self.covariance_type == "full":
             whitened = torch.addmm(-self.offsets32, x - self.centre32, self.factors32)
@@ -171,7 +180,10 @@ class _TorchMixture:
         else:
             squared = torch.stack([(x - mean).square_() @ precisions
                                    for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
-        weighted = self.log_norms - 0.5 * squared.double()
+        return self.log_norms - 0.5 * squared.double()
+
+    def _log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weighted = self._weighted_log_prob(x)
         # logsumexp by hand, so that the one exp also gives the responsibilities
         top = weighted.max(dim=1, keepdim=True).values
         shifted = weighted.sub_(top).exp_()
@@ -275,6 +287,24 @@ class GaussianMixtureFit:
                 loglik[start:start + len(x)] = batch_loglik.cpu().numpy()
                 posteriors[start:start + len(x)] = batch_posteriors.cpu().numpy()
         return loglik, posteriors
+
+    def log_posteriors(self, features: np.ndarray, batch_size: int = 65536,
+                       device: str | torch.device | None = None) -> np.ndarray:
+        """log p(k | x) (N, K), float64, from the per-component log-densities: far from a boundary the posteriors
+        round to exactly 1 and 0, their logs keep how far."""
+        check_finite(features, batch_size)
+        out = np.empty((len(features), len(self.weights)), dtype=np.float64)
+        if self.sklearn_model is not None:
+            for start in range(0, len(features), batch_size):
+                x = np.asarray(features[start:start + batch_size], dtype=np.float64)
+                out[start:start + len(x)] = self.sklearn_model._estimate_log_prob_resp(x)[1]
+            return out
+        device = resolve_device(device)
+        mixture = _TorchMixture.from_fit(self, device)
+        with torch.no_grad(), full_float32_matmuls():
+            for start, x in FeatureRows(features, batch_size, device):
+                out[start:start + len(x)] = mixture.log_posteriors(x).cpu().numpy()
+        return out
 
 
 def _nearest_centroid(rows: FeatureRows, centroids: np.ndarray) -> np.ndarray:

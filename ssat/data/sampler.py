@@ -14,7 +14,8 @@ class SSATBatchSampler(Sampler[list[int]]):
     """Batches of labeled and unlabeled indices in a fixed proportion.
 
     Dataset indices ``[0, num_labeled)`` are labeled, ``[num_labeled, num_labeled + num_unlabeled)`` unlabeled.
-    Labeled indices walk a fresh permutation (a new one when it runs out); each batch is topped up with
+    Each batch holds int(batch_size * unsup_fraction) unlabeled indices (RST's rounding, down) and the rest
+    labeled. Labeled indices walk a fresh permutation (a new one when it runs out); each batch is topped up with
     unlabeled indices drawn uniformly with replacement, then shuffled. An epoch is ``num_batches`` batches
     (RST: a fixed number whatever the pool size) or, when None, one pass over labeled plus unlabeled.
     The draw depends only on (seed, epoch), so a resumed run sees the same batches. With ``world_size > 1``
@@ -31,7 +32,7 @@ class SSATBatchSampler(Sampler[list[int]]):
         self.num_labeled = num_labeled
         self.num_unlabeled = num_unlabeled
         self.batch_size = batch_size
-        unlabeled = round(batch_size * unsup_fraction) if num_unlabeled > 0 else 0
+        unlabeled = int(batch_size * unsup_fraction) if num_unlabeled > 0 else 0  # RST truncates, int(B f)
         self.labeled_per_batch = max(1, batch_size - unlabeled)
         one_pass = math.ceil((num_labeled + num_unlabeled) / batch_size)
         self.num_batches = num_batches if num_batches is not None else one_pass

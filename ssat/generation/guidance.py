@@ -27,17 +27,36 @@ class GuidanceLoss(nn.Module):
     def per_sample(self, logits: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, str]:
+        """What results.json records of the guidance a run used."""
+        return {"name": self.name}
+
     def forward(self, logits: Tensor) -> Tensor:
         return self.per_sample(logits).mean()
 
 
+# PCG's sign of the max softmax in L_reg: the paper aims at low-confidence samples (minimising + max softmax);
+# the release's `confidence_minimization_loss` returns - max softmax, which pushes confidence up.
+CONFIDENCE_SIGNS = {"paper": 1.0, "release": -1.0}
+
+
 class ConfidenceGuidance(GuidanceLoss):
-    """PCG: L_reg = - mean max softmax, which pushes samples towards confident predictions."""
+    """PCG: L_reg = sign * mean max softmax. sign=paper (+1) lowers the classifier's confidence on the samples,
+    the paper's aim (boundary samples); sign=release (-1) raises it, as the released code does."""
 
     name = "pcg"
 
+    def __init__(self, sign: str = "paper"):
+        super().__init__()
+        if sign not in CONFIDENCE_SIGNS:
+            raise ConfigError(f"selector.guidance.sign={sign!r} is not one of {', '.join(CONFIDENCE_SIGNS)}")
+        self.sign = sign
+
+    def describe(self) -> dict[str, str]:
+        return {**super().describe(), "sign": self.sign}
+
     def per_sample(self, logits: Tensor) -> Tensor:
-        return -logits.float().softmax(dim=1).amax(dim=1)
+        return CONFIDENCE_SIGNS[self.sign] * logits.float().softmax(dim=1).amax(dim=1)
 
 
 class ClusterGapGuidance(GuidanceLoss):

@@ -91,6 +91,7 @@ def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> 
         seed=cfg.seed, attack=cfg.attack.name, model=cfg.model._target_.rsplit(".", 1)[-1],
         target=cfg.selection.target, sizes={**sizes, **selected}, n_pool=sizes["pool"],
         n_generated=sizes["pool"] if generative else 0, n_selected=selected["selected"],
+        guidance=selector.guidance.describe() if generative else None,
         selection_sha256=selection_sha256(np.load(results["select"].path / "selection.npy")),
         clean_acc=evaluated["clean_acc"], robust_acc=evaluated["robust_acc"],
         autoattack_acc=evaluated.get("autoattack_acc"), autoattack_num_points=evaluated.get("autoattack_num_points"),

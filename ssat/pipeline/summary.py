@@ -32,6 +32,7 @@ class RunSummary:
     sizes: dict[str, int]          # labeled, val, pool, test, candidates, selected, boundary, random
     n_pool: int
     n_generated: int
+    guidance: dict[str, str] | None  # a generative selector's guidance (PCG's sign: paper or release)
     n_selected: int
     selection_sha256: str          # equal across reruns: the same command selects the same points
     clean_acc: float

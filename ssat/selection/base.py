@@ -59,17 +59,28 @@ def budget_size(budget: float, pool_size: int) -> int:
     return n
 
 
+def ascending(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices by ascending score, equal scores in a seeded random order: never by position in the pool, which
+    would take the first rows of the file wherever scores tie."""
+    if len(scores) == 0:
+        return np.zeros(0, dtype=np.int64)
+    shuffled = rng.permutation(len(scores))
+    return shuffled[np.argsort(scores[shuffled], kind="stable")]
+
+
 def mix_boundary_random(scores: np.ndarray | None, n: int, boundary_fraction: float,
                         rng: np.random.Generator, pool_size: int) -> Selection:
-    """The shared rule: the round(b n) lowest scores, then n - round(b n) uniform draws from the rest."""
+    """The shared rule: the round(b n) lowest scores (ties broken at random), then n - round(b n) uniform draws
+    from the rest."""
     if not 0 <= boundary_fraction <= 1:
         raise ConfigError(f"selector.boundary_fraction={boundary_fraction} is outside [0, 1]")
     if scores is None:
         scores, boundary_fraction = np.full(pool_size, np.nan), 0.0
     n_boundary = round(boundary_fraction * n)
-    order = np.argsort(scores, kind="stable")
-    boundary = order[:n_boundary]
-    random = rng.choice(order[n_boundary:], size=n - n_boundary, replace=False)
+    boundary = ascending(scores, rng)[:n_boundary] if n_boundary else np.zeros(0, dtype=np.int64)
+    rest = np.ones(pool_size, dtype=bool)
+    rest[boundary] = False
+    random = rng.choice(np.flatnonzero(rest), size=n - n_boundary, replace=False)
     indices = np.concatenate([boundary, np.sort(random)]).astype(np.int64)
     is_boundary = np.zeros(n, dtype=bool)
     is_boundary[:n_boundary] = True
@@ -99,7 +110,7 @@ def mix_per_class(scores: np.ndarray | None, n: int, boundary_fraction: float, r
         boundary.append(members[part.indices[part.is_boundary]])
         rest.append(members[part.indices[~part.is_boundary]])
     boundary_idx = np.concatenate(boundary)
-    boundary_idx = boundary_idx[np.argsort(scores[boundary_idx], kind="stable")]
+    boundary_idx = boundary_idx[ascending(scores[boundary_idx], rng)]
     indices = np.concatenate([boundary_idx, np.sort(np.concatenate(rest))]).astype(np.int64)
     is_boundary = np.zeros(n, dtype=bool)
     is_boundary[:len(boundary_idx)] = True

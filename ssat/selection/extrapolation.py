@@ -25,14 +25,21 @@ from ssat.selection.base import PoolEmbedding, Selector
 PROBABILITIES = ("auto", "true_class", "pseudo_label")
 
 
+def check_epochs(epochs: int, window: int) -> None:
+    if epochs <= window:
+        raise ConfigError(f"selector.epochs={epochs} must be larger than selector.window={window}: dynamic "
+                          f"uncertainty averages the epochs - window windows that start at epochs 0 .. "
+                          f"epochs - window - 1")
+
+
 def dynamic_uncertainty(probabilities: np.ndarray, window: int) -> np.ndarray:
-    """DU per point from (epochs, N) label probabilities: the mean over sliding windows of ``window`` epochs of
-    the probability's standard deviation inside the window."""
+    """DU per point from (K epochs, N) label probabilities, as Nieth et al.'s code computes it
+    (core/data/dynamic_uncertainty.py): the mean over the K - J windows of J = ``window`` epochs starting at
+    epochs 0 .. K - J - 1 of the probability's sample standard deviation (ddof 1) inside the window."""
     epochs = len(probabilities)
-    if epochs < window:
-        raise ConfigError(f"selector.epochs={epochs} must be at least selector.window={window}")
+    check_epochs(epochs, window)
     windows = np.lib.stride_tricks.sliding_window_view(np.asarray(probabilities, dtype=np.float64), window, axis=0)
-    return windows.std(axis=-1).mean(axis=0)
+    return windows[:epochs - window].std(axis=-1, ddof=1).mean(axis=0)
 
 
 def extrapolate(features: np.ndarray, scored: np.ndarray, scores: np.ndarray, neighbours: int,
@@ -85,8 +92,7 @@ class ExtrapolationSelector(Selector):
             raise ConfigError(f"selector.scored_fraction={scored_fraction} is outside (0, 1]")
         if window < 2:
             raise ConfigError(f"selector.window={window} must be at least 2 epochs for a standard deviation")
-        if epochs < window:
-            raise ConfigError(f"selector.epochs={epochs} must be at least selector.window={window}")
+        check_epochs(epochs, window)
         if neighbours < 1:
             raise ConfigError(f"selector.neighbours={neighbours} must be at least 1")
         if probabilities not in PROBABILITIES:

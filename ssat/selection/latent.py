@@ -45,7 +45,8 @@ class GMMSelector(Selector):
     """LCS-GMM: a Gaussian mixture on the features; ``score`` says which points count as boundary.
 
     loglik: lowest log-likelihood first (the release); loglik_high: highest first (the older code);
-    posterior_gap: smallest gap between the two largest posteriors first (the analogue of the k-means margin).
+    posterior_gap: smallest gap between the two largest log-posteriors first (the analogue of the k-means margin;
+    the posteriors themselves round to 1 and 0 away from a boundary, and would all tie).
 
     A full-covariance mixture costs O(N K D^2) per EM iteration, so on a large pool the features are first
     projected on their top ``pca_dim`` principal components and the mixture is fitted on at most
@@ -96,10 +97,8 @@ class GMMSelector(Selector):
         self.fitted_ = fit_gmm(features[self.fit_rows(len(features), seed)], self.n_components, self.covariance_type,
                                max_iter=self.max_iter, tol=self.tol, reg_covar=self.reg_covar, seed=seed,
                                backend=self.backend, device=self.device, batch_size=self.batch_size)
-        loglik, posteriors = self.fitted_.score(features, self.batch_size, self.device)
-        if self.score_type == "loglik":
-            return loglik
-        if self.score_type == "loglik_high":
-            return -loglik
-        top2 = np.sort(posteriors, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
+        if self.score_type == "posterior_gap":  # in logs: far from a boundary the posteriors themselves tie at 1
+            top2 = np.partition(self.fitted_.log_posteriors(features, self.batch_size, self.device), -2, axis=1)
+            return top2[:, -1] - top2[:, -2]
+        loglik, _ = self.fitted_.score(features, self.batch_size, self.device)
+        return loglik if self.score_type == "loglik" else -loglik

@@ -1,0 +1,1 @@
+"""Hydra plugins of ssat (Hydra looks for plugins in the hydra_plugins namespace only)."""

@@ -20,6 +20,7 @@ from ssat.attacks import eval_mode
 from ssat.clustering.kmeans import as_float32
 from ssat.errors import ConfigError
 from ssat.lightning import RobustClassifierModule
+from ssat.lightning.trainer import build_trainer
 from ssat.selection.base import PoolEmbedding, Selector
 
 PROBABILITIES = ("auto", "true_class", "pseudo_label")
@@ -85,8 +86,8 @@ class ExtrapolationSelector(Selector):
 
     def __init__(self, name: str, model: nn.Module, loss, scored_fraction: float = 0.1, epochs: int = 30,
                  window: int = 10, neighbours: int = 12, batch_size: int = 128, optim: dict[str, Any] | None = None,
-                 probabilities: str = "auto", accelerator: str = "cpu", boundary_fraction: float = 1.0,
-                 class_balanced: bool = False):
+                 probabilities: str = "auto", trainer: dict[str, Any] | None = None,
+                 boundary_fraction: float = 1.0, class_balanced: bool = False):
         super().__init__(name, boundary_fraction, class_balanced)
         if not 0 < scored_fraction <= 1:
             raise ConfigError(f"selector.scored_fraction={scored_fraction} is outside (0, 1]")
@@ -101,7 +102,7 @@ class ExtrapolationSelector(Selector):
         self.window, self.neighbours, self.batch_size = window, neighbours, batch_size
         self.probabilities = probabilities
         self.optim = dict(optim or {"lr": 0.05, "schedule": "cosine"})
-        self.accelerator = accelerator
+        self.trainer = dict(trainer or {"accelerator": "cpu"})
 
     def num_scored(self, num_candidates: int) -> int:
         return max(1, round(self.scored_fraction * num_candidates))
@@ -135,9 +136,8 @@ class ExtrapolationSelector(Selector):
         record = LabelProbabilities(images, labels, self.batch_size)
         loader = DataLoader(TensorDataset(images, labels), batch_size=self.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
-        trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
-                            callbacks=[record], enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
-                            log_every_n_steps=1)
+        trainer = build_trainer(**self.trainer, devices=1, max_epochs=self.epochs, logger=False, callbacks=[record],
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                inference_mode=False, num_sanity_val_steps=0, log_every_n_steps=1)
         trainer.fit(module, loader)
         return np.stack(record.history)

@@ -204,19 +204,20 @@ SHORT = ["intermediate.epochs=5", "ssat.epochs=3", "eval.pgd.steps=5", "eval.val
 TINY_GENERATION = ["selector=lcg_km", "generation.pretrain.epochs=3", "generation.finetune.epochs=2",
                    "generation.num_images=64", "generation.sampler.num_inference_steps=4",
                    "generation.sampler.batch_size=16", "ssat.epochs=2"]
-# (overrides, the stages each attempt is killed in, in order); the same command runs once more to the end.
-CHAINS = {
-    # the default pipeline (lcs_km) with an EMA; SSAT killed twice in a row, the second time after resuming
-    "selection": ([*SHORT, "ssat.ema.decay=0.9"],
-                  ["intermediate", "embed", "select", "pseudo_label", "ssat", "ssat", "evaluate"]),
-    "generation": ([*SHORT, *TINY_GENERATION], ["ddpm_pretrain", "ddpm_finetune", "sample"]),
-}
 TRAINING = ("intermediate", "ssat", "ddpm_pretrain", "ddpm_finetune")
-# The kill comes once the stage's unfinished folder holds this file, written by the attempt being killed: for the
-# training stages a checkpoint, so the kill lands in a later epoch (after a resume, the second time).
-KILL_WHEN = {**dict.fromkeys(TRAINING, "checkpoints/last.ckpt"), "embed": "progress.json",
-             "select": "selection.npy", "pseudo_label": "pseudo_labels.npy", "evaluate": "flags/pgd/*.npy",
-             "sample": "progress.json"}
+CHECKPOINT = "checkpoints/last.ckpt"
+# (overrides, where each attempt is killed: a stage and the file in its unfinished folder whose writing by that
+# attempt triggers the kill); then the same command runs once more to the end. A training stage's checkpoint
+# puts the kill in a later epoch (after a resume, the second time), its unet/ after its last epoch.
+CHAINS = {
+    # the default pipeline (lcs_km) with an EMA; SSAT killed twice in a row
+    "selection": ([*SHORT, "ssat.ema.decay=0.9"],
+                  [("intermediate", CHECKPOINT), ("embed", "progress.json"), ("select", "selection.npy"),
+                   ("pseudo_label", "pseudo_labels.npy"), ("ssat", CHECKPOINT), ("ssat", CHECKPOINT),
+                   ("evaluate", "flags/pgd/*.npy")]),
+    "generation": ([*SHORT, *TINY_GENERATION],
+                   [("ddpm_pretrain", CHECKPOINT), ("ddpm_finetune", "unet/*"), ("sample", "progress.json")]),
+}
 # Held between the stage's work and its commit (SSAT_TEST_STAGE_DELAY), so that a kill after the work of a stage
 # of milliseconds still lands before the commit.
 HOLD_S = 30
@@ -225,13 +226,18 @@ VOLATILE = {"cached", "timings", "total_seconds", "wall_seconds", "selection_sec
 
 
 def outcome(run_dir: Path) -> dict:
-    """results.json less its timings and paths, and a hash of every array and weight file that every stage wrote
-    (the selection, features, flags, samples, model.pt of the classifiers and the DDPMs' safetensors)."""
+    """results.json less its timings and paths, every stage's record (epochs, steps, probes...) less where a
+    resumed stage picked up, and a hash of every array and weight file that every stage wrote (the selection,
+    features, flags, samples, model.pt of the classifiers and the DDPMs' safetensors)."""
     results = json.loads((run_dir / "results.json").read_text())
+    stages = {stage: Path(folder) for stage, folder in results["stage_dirs"].items()}
+    records = {stage: json.loads((folder / "record.json").read_text())["info"] for stage, folder in stages.items()}
     files = {f"{stage}/{path.relative_to(folder)}": hashlib.sha256(path.read_bytes()).hexdigest()
-             for stage, folder in results["stage_dirs"].items() for path in sorted(Path(folder).rglob("*"))
+             for stage, folder in stages.items() for path in sorted(folder.rglob("*"))
              if path.suffix in (".npy", ".pt", ".safetensors")}
-    return {"results": {k: v for k, v in results.items() if k not in VOLATILE}, "files": files}
+    return {"results": {k: v for k, v in results.items() if k not in VOLATILE},
+            "records": {stage: {k: v for k, v in info.items() if k != "resumed_at"} for stage, info in records.items()},
+            "files": files}
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +265,9 @@ def written_since(pattern: str, cache: Path, since: float) -> bool:
     return False
 
 
-def kill_in(stage: str, overrides: list[str], cache: Path, run_dir: Path, log: Path) -> None:
-    """Runs the command and kills it with SIGKILL inside ``stage`` (see KILL_WHEN); the stage stays uncommitted."""
+def kill_in(stage: str, trigger: str, overrides: list[str], cache: Path, run_dir: Path, log: Path) -> None:
+    """Runs the command and kills it with SIGKILL inside ``stage`` once this attempt has written ``trigger`` there;
+    the stage stays uncommitted."""
     args = [sys.executable, "-m", "ssat.run", *overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSAT_TEST_STAGE_DELAY": f"{stage}:{HOLD_S}"}
     started = time.time()
@@ -268,7 +275,7 @@ def kill_in(stage: str, overrides: list[str], cache: Path, run_dir: Path, log: P
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 600
-            while not written_since(f"{stage}/*.partial/{KILL_WHEN[stage]}", cache, started):
+            while not written_since(f"{stage}/*.partial/{trigger}", cache, started):
                 assert proc.poll() is None, f"the run ended before {stage}:\n{log.read_text()[-3000:]}"
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
@@ -287,11 +294,13 @@ def test_kill_9_in_every_stage_then_rerun_gives_the_uninterrupted_results_bit_fo
     overrides, kills = CHAINS[chain]
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     logs = [tmp_path / f"attempt{i}.log" for i in range(len(kills))]
-    for stage, log in zip(kills, logs):
-        kill_in(stage, overrides, cache, run_dir, log)
+    for (stage, trigger), log in zip(kills, logs):
+        kill_in(stage, trigger, overrides, cache, run_dir, log)
     rerun = run_ssat(*overrides, run_dir=run_dir, cache_dir=cache, fast=False)
     later_output = [log.read_text() for log in logs[1:]] + [rerun.proc.stdout + rerun.proc.stderr]
-    for stage, output in zip(kills, later_output):
+    for (stage, _), output in zip(kills, later_output):
         if stage in TRAINING:  # the next attempt resumed the killed training stage, not started it again
             assert f"Restoring states from the checkpoint path at {cache.resolve()}/{stage}/" in output
-    assert outcome(run_dir) == uninterrupted(chain)
+    got, expected = outcome(run_dir), uninterrupted(chain)
+    for part in ("results", "records", "files"):  # results first: the readable difference
+        assert got[part] == expected[part], part

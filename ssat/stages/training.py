@@ -16,6 +16,7 @@ from ssat.data.sampler import SSATBatchSampler
 from ssat.data.training_set import LabeledAndSelected, batch_as_is
 from ssat.errors import TrainingDiverged
 from ssat.lightning import EMA, RobustClassifierModule
+from ssat.lightning.seeding import EpochSeed, loader_generator
 
 # make_trainer(stage, out_dir, max_epochs, callbacks, batches_per_epoch) -> lightning.Trainer
 TrainerFactory = Callable[..., L.Trainer]
@@ -34,10 +35,10 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 def train_loader(train_set: LabeledAndSelected, sampler: SSATBatchSampler, num_workers: int = 0,
                  pin_memory: bool = True) -> DataLoader:
     """uint8 batches read whole (one __getitems__ per batch) by ``num_workers`` processes ahead of the model;
-    pinned when a GPU is present so that the copy to it overlaps compute."""
+    pinned when a GPU is present so that the copy to it overlaps compute. The workers draw nothing random."""
     return DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None)
+                      prefetch_factor=4 if num_workers > 0 else None, generator=loader_generator())
 
 
 def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
@@ -50,18 +51,20 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
 
     last.ckpt is written at the end of every epoch (whole or not at all: AtomicCheckpointIO), so a run
     killed at any moment resumes from its last finished epoch with the model, optimizer, scheduler, callback
-    states (EMA, coreset) and epoch counter; the batch sampler's draw depends only on (seed, epoch), so it resumes
-    with them. With ``ema`` ({decay, warmup}) validation and model.pt use the averaged weights; with ``patience``
+    states (EMA, coreset, early stopping) and epoch counter; the batch sampler's draw depends only on (seed, epoch)
+    and EpochSeed reseeds the global RNGs from (seed, epoch) too, so on CPU the resumed run ends with the same
+    weights, bit for bit, as an uninterrupted one. With ``ema`` ({decay, warmup}) validation and model.pt use the averaged weights; with ``patience``
     training stops once the monitored validation accuracy has not improved for that many epochs.
     """
     module = RobustClassifierModule(model, train_loss, optim, epochs, augment, val_pgd)
     monitor = "val/robust_acc" if val_pgd else "val/acc"
     ckpt_dir = out_dir / "checkpoints"
+    # No version counter: a best.ckpt left by a killed attempt is overwritten, not joined by best-v1.ckpt.
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
-                                 auto_insert_metric_name=False)
+                                 auto_insert_metric_name=False, enable_version_counter=False)
     # Not save_last=True: Lightning then rewrites last.ckpt only in the epochs that improve best.ckpt.
     every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
-    callbacks = [checkpoint, every_epoch, *callbacks]
+    callbacks = [EpochSeed(sampler.seed), checkpoint, every_epoch, *callbacks]  # the sampler holds the stage seed
     if ema:
         callbacks.append(EMA(**ema))
     if patience:

@@ -61,10 +61,13 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def _parsed(parser: OverridesParser, overrides: list[str]):
-    try:
-        return parser.parse_overrides(overrides)
-    except OverrideParseException as err:
-        raise ConfigError(f"cannot read the override: {_one_line(str(err))}") from None
+    parsed = []
+    for override in overrides:
+        try:
+            parsed += parser.parse_overrides([override])
+        except OverrideParseException as err:
+            raise ConfigError(f"cannot read the override {override}: {_one_line(str(err))}") from None
+    return parsed
 
 
 def _compose(hydra, overrides: list[str], mode: RunMode) -> DictConfig:
@@ -75,8 +78,6 @@ def _compose(hydra, overrides: list[str], mode: RunMode) -> DictConfig:
             raise ConfigError(_one_line(str(err))) from None
         group, _, choice = (err.missing_cfg_file or "").rpartition("/")
         raise ConfigError(f"unknown {group} '{choice}'; choose one of: {', '.join(err.options)}") from None
-    except OverrideParseException as err:
-        raise ConfigError(f"cannot read the override: {_one_line(str(err))}") from None
     except HydraException as err:
         key = getattr(err.__cause__, "full_key", None)
         if key is None:

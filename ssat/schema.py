@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -242,7 +243,7 @@ def _check_value(key: str, value: Any, kind, meta: dict) -> None:
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
           str: lambda v: isinstance(v, str), dict: lambda v: isinstance(v, DictConfig)}[kind]
     if not ok(value):
-        _fail(key, value, f"must be {_type_name(kind)}{' (finite)' if kind is float else ''}")
+        _fail(key, value, f"must be {_type_name(kind)}{' (finite)' if isinstance(value, float) else ''}")
     if "choices" in meta and value not in meta["choices"]:
         _fail(key, value, f"is not one of {', '.join(meta['choices'])}", meta["why"])
     if "range" in meta:
@@ -286,6 +287,24 @@ def check_schema(cfg: DictConfig) -> None:
     """The top-level blocks against ``Config``, then the relations between values."""
     check_block(cfg, Config, known_only=False)
     check_relations(cfg)
+    check_paths(cfg)
+
+
+# Paths the loaders read; a path the system cannot even look up fails here naming its key (a missing one is left to
+# the loader, which says what it expected to find).
+PATH_KEYS = ("cache_dir", "dataset.root", "pool.root", "pool.paths")
+
+
+def check_paths(cfg: DictConfig) -> None:
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        for path in ([] if value is None else value if isinstance(value, ListConfig) else [value]):
+            try:
+                os.stat(str(path))
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise ConfigError(f"{key}={shown(value)} cannot be looked up: {err.strerror}") from None
 
 
 def check_relations(cfg: DictConfig) -> None:

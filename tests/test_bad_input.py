@@ -254,6 +254,7 @@ def test_pool_larger_than_training_set_on_image_folder(tmp_path):
     assert_one_line_error(run, "pool.num_unlabeled=100", "leave 4")
 
 
+@pytest.mark.slow
 def test_a_failure_during_work_exits_1_with_one_line(tmp_path):
     """Exit code 2 is bad input found before work; a stage that fails (here a diverged loss) exits 1."""
     run = run_ssat("intermediate.optim.lr=1e30", "intermediate.epochs=2", run_dir=tmp_path / "run",

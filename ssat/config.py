@@ -1,4 +1,5 @@
-"""Config checks that Hydra would otherwise answer with a stack trace."""
+"""The command line's checks, before Hydra starts (what Hydra would answer with a stack trace or a folder left
+behind), and instantiate with one-line errors."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssat.errors import ConfigError, SsatError, WriteError
+from ssat.schema import check_config, did_you_mean
 
 
 # Options that need an optional dependency: (group, option) -> (the extra that installs it, a module it provides).
@@ -37,8 +39,6 @@ def check_command_line(argv: list[str]) -> None:
     a Hydra composition error (an unknown option or key) becomes one ConfigError; then each job's config goes
     through the extras, the output folders and the schema.
     """
-    from ssat.pipeline import check_config  # the pipeline imports this module
-
     flags = [arg for arg in argv if arg.startswith("-") and not arg.startswith(("+", "~"))]
     if any(flag not in MULTIRUN_FLAGS for flag in flags):
         return
@@ -92,8 +92,6 @@ def _override_key(override: str) -> str:
 
 def _nearest_key(hydra, overrides: list[str], mode: RunMode, key: str) -> str:
     """'; did you mean <key>?' for the valid key nearest to a misspelled one, among its siblings."""
-    from ssat.schema import nearest
-
     parent, _, leaf = key.rpartition(".")
     try:
         cfg = hydra.compose_config("config", overrides, run_mode=mode, with_log_configuration=False)
@@ -101,8 +99,7 @@ def _nearest_key(hydra, overrides: list[str], mode: RunMode, key: str) -> str:
         return ""
     node = OmegaConf.select(cfg, parent) if parent else cfg
     siblings = [str(k) for k in node if k != "hydra"] if isinstance(node, DictConfig) else []
-    found = nearest(leaf, siblings)
-    return found.replace("mean ", f"mean {parent}.") if parent and found else found
+    return did_you_mean(leaf, siblings, f"{parent}." if parent else "")
 
 
 def _one_line(message: str) -> str:

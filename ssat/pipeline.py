@@ -24,7 +24,7 @@ from ssat import distributed
 from ssat.attacks import CrossEntropyLoss, PGDATLoss
 from ssat.attacks.autoattack import MIN_CLASSES as AUTOATTACK_MIN_CLASSES
 from ssat.config import build
-from ssat.schema import check_schema
+from ssat.schema import check_config
 from ssat.cache import StageCache, StageResult, check_writable, write_json_atomic
 from ssat.data.splits import SemiSupervisedData, take_test_subset
 from ssat.errors import ConfigError, DataError, during_work
@@ -46,23 +46,6 @@ from ssat.stages.training import load_weights
 log = logging.getLogger("ssat")
 
 STAGES = ("intermediate", "embed", "select", "pseudo_label", "ssat", "evaluate")
-
-
-def missing_keys(tree: Any, prefix: str = ""):
-    """Dotted keys whose value is still Hydra's "???" (a value the user must give)."""
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from missing_keys(value, f"{prefix}{key}.")
-    elif tree == "???":
-        yield prefix.rstrip(".")
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Config errors that can be caught before any data is read: values the user must give, then the schema."""
-    missing = sorted(missing_keys(OmegaConf.to_container(cfg, resolve=False)))
-    if missing:
-        raise ConfigError(f"{missing[0]} must be set, for example {missing[0]}=<value> on the command line")
-    check_schema(cfg)
 
 
 def load_data(cfg: DictConfig) -> SemiSupervisedData:

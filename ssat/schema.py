@@ -256,10 +256,10 @@ def _check_value(key: str, value: Any, kind, meta: dict) -> None:
                   meta["why"])
 
 
-def nearest(key: str, valid) -> str:
-    """', did you mean X?' for the valid key closest to a misspelled one, or '' when none is close."""
+def did_you_mean(key: str, valid, prefix: str = "") -> str:
+    """'; did you mean <prefix><name>?' for the valid name closest to a misspelled one (difflib), or ''."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def check_block(node: DictConfig, schema: type, prefix: str = "", known_only: bool = True) -> None:
@@ -269,7 +269,7 @@ def check_block(node: DictConfig, schema: type, prefix: str = "", known_only: bo
     declared = {f.name: f for f in fields(schema)}
     for key in node if known_only else ():
         if key not in declared:
-            raise ConfigError(f"{prefix}{key} is not a config key{nearest(str(key), declared)}")
+            raise ConfigError(f"{prefix}{key} is not a config key{did_you_mean(str(key), declared, prefix)}")
     for name, spec in declared.items():
         key = f"{prefix}{name}"
         if name not in node:
@@ -281,6 +281,23 @@ def check_block(node: DictConfig, schema: type, prefix: str = "", known_only: bo
         except OmegaConfBaseException as err:
             raise ConfigError(f"{key} cannot be resolved: {str(err).splitlines()[0]}") from None
         _check_value(key, value, hints[name], dict(spec.metadata))
+
+
+def missing_keys(tree: Any, prefix: str = ""):
+    """Dotted keys whose value is still Hydra's "???" (a value the user must give)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from missing_keys(value, f"{prefix}{key}.")
+    elif tree == "???":
+        yield prefix.rstrip(".")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Config errors that can be caught before any data is read: values the user must give, then the schema."""
+    missing = sorted(missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if missing:
+        raise ConfigError(f"{missing[0]} must be set, for example {missing[0]}=<value> on the command line")
+    check_schema(cfg)
 
 
 def check_schema(cfg: DictConfig) -> None:

@@ -284,13 +284,12 @@ def _clear(out_dir: Path) -> None:
     _write(out_dir, clear)
 
 
-def _drop_if_empty(out_dir: Path) -> None:
-    """A failed conversion leaves no empty folder behind: its own, nor the pools folder it was the first in."""
-    for folder in (out_dir, out_dir.parent):
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (or already gone)
-            return
+def _drop_if_empty(folder: Path) -> None:
+    """A failed conversion leaves no empty folder behind (its own, or the pools folder it was the first in)."""
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or already gone
+        pass
 
 
 def _publish(out_dir: Path, staged: dict[str, Path], meta: dict) -> None:
@@ -332,7 +331,10 @@ def npz_pool(dataset: ImageDataset, val_size: int, paths, cache_dir: str | os.Pa
     for path in paths:
         _check_before_converting(Path(path), dataset, image_key, label_key)
     root = _pools_root(cache_dir)
-    converted = [convert_npz(p, _npz_dir(root, p, image_key, label_key), image_key, label_key) for p in paths]
+    try:
+        converted = [convert_npz(p, _npz_dir(root, p, image_key, label_key), image_key, label_key) for p in paths]
+    finally:
+        _drop_if_empty(root)
     for path, (images_path, _) in zip(paths, converted):
         _check_shape(_open_part(images_path).shape[1:], dataset, f"pool file {path}",
                      "use a pool generated for this data set")
@@ -395,7 +397,11 @@ def image_folder_pool(dataset: ImageDataset, val_size: int, root: str | os.PathL
     out_dir = _pools_root(cache_dir) / key[:16]
     images_path = out_dir / IMAGES
     if not ((out_dir / META).is_file() and images_path.is_file()):
-        _decode_folder(files, folder, out_dir, "L" if channels == 1 else "RGB", image_size, (channels, height, width))
+        try:
+            _decode_folder(files, folder, out_dir, "L" if channels == 1 else "RGB", image_size,
+                           (channels, height, width))
+        finally:
+            _drop_if_empty(out_dir.parent)
     pool = MemmapImages([images_path])
     _check_shape(pool.shape[1:], dataset, f"pool folder {folder}", f"set pool.image_size={height} to resize them")
     return _semi_supervised(dataset, val_size, num_labeled, split_seed, pool, None)

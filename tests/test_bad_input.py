@@ -8,7 +8,6 @@ through a real ``python -m ssat.run`` process (marked slow), as a user would.
 
 from __future__ import annotations
 
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -138,10 +137,11 @@ CASES = [
      ["dataset.root=", "symbolic links"]),
     ("root-name-too-long", lambda t: ["dataset=image_folder", f"dataset.root={t / TOO_LONG}"],
      ["dataset.root=", "File name too long"]),
-    ("folder-without-images", lambda t: ["dataset=image_folder", f"dataset.root={images(t / 'd', {'a': [], 'b': [8]})}"],
+    ("folder-without-images",
+     lambda t: ["dataset=image_folder", f"dataset.root={images(t / 'd', {'a': [], 'b': [8]})}"],
      ["no images"]),
     ("folder-mixed-sizes", lambda t: ["dataset=image_folder", "dataset.channels=1", "dataset.mean=[0.5]",
-                                      f"dataset.std=[0.5]", f"dataset.root={images(t / 'd', {'a': [8, 9], 'b': [8]})}"],
+                                      "dataset.std=[0.5]", f"dataset.root={images(t / 'd', {'a': [8, 9], 'b': [8]})}"],
      ["9x9", "dataset.image_size"]),
     ("folder-one-class", lambda t: ["dataset=image_folder", "dataset.channels=1", "dataset.mean=[0.5]",
                                     "dataset.std=[0.5]", "val_size=4", "pool.num_labeled=8",
@@ -266,8 +266,9 @@ def test_a_failure_during_work_exits_1_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [[], ["dataset=cifar10"], ["dataset=cifar100"], ["dataset=svhn"],
-                                       ["experiment=cifar10_paper", "pool.paths=pool.npz"], ["experiment=cifar10_small"],
-                                       ["experiment=autoattack"], ["selector=lcg_gmm"], ["trainer=ddp"]])
+                                       ["experiment=cifar10_paper", "pool.paths=pool.npz"],
+                                       ["experiment=cifar10_small"], ["experiment=autoattack"], ["selector=lcg_gmm"],
+                                       ["trainer=ddp"]])
 def test_the_presets_pass_the_schema(overrides):
     """The schema declares every key of its blocks (an undeclared one fails as unknown) and allows every preset."""
     check_command_line(overrides)

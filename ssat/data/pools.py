@@ -363,7 +363,8 @@ def _check_before_converting(path: Path, dataset: ImageDataset, image_key: str, 
     classes = len(dataset.classes)
     if labels is not None and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(f"{where} holds labels {labels.min()}..{labels.max()} under {label_key!r}; the data set "
-                        f"has {classes} classes, 0..{classes - 1} (set pool.label_key to another key to leave them out)")
+                        f"has {classes} classes, 0..{classes - 1} (set pool.label_key to another key to leave them "
+                        f"out)")
 
 
 def image_folder_pool(dataset: ImageDataset, val_size: int, root: str | os.PathLike,

@@ -161,6 +161,8 @@ CASES = [
      ["p.npz", "no 'image' array", "keys: x"]),
     ("npz-labels-outside-classes", lambda t: ["pool=npz", f"pool.paths={labels_100_to_109(t / 'p.npz')}"],
      ["labels 100..109", "10 classes"]),
+    ("bad-pool-in-a-sweep", lambda t: ["-m", "pool=npz", f"pool.paths={labels_100_to_109(t / 'p.npz')}", "seed=0,1"],
+     ["labels 100..109"]),
     # outputs that cannot be written
     ("run-dir-forbidden", lambda t: ["hydra.run.dir=/sys/ssat-test/run"], ["hydra.run.dir=/sys/ssat-test/run"]),
     ("run-dir-under-file", lambda t: [f"hydra.run.dir={a_file(t)}/run"], ["hydra.run.dir=", "is a file"]),

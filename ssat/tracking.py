@@ -79,6 +79,20 @@ def stage_summaries(results: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     return flat
 
 
+def job_config(config: DictConfig) -> dict[str, Any]:
+    """The job's config, resolved, without the hydra node: resolving that needs hydra.job.num, a multirun's alone."""
+    return {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            for key, value in ((key, config[key]) for key in config if key != "hydra")}
+
+
+def finish_failed() -> None:
+    """A job that ends with a one-line error (no Hydra on_job_end follows) still finishes its open run, failed."""
+    global _job, _run
+    if _run is not None:
+        _run.finish(exit_code=1)
+    _job = _run = None
+
+
 class WandbRun(Callback):
     """Opens (lazily) and always finishes the job's W&B run; logs the stage records and the run's artifacts."""
 
@@ -105,7 +119,7 @@ class WandbRun(Callback):
             "job_type": self.job_type,
             "name": f"{hydra.job.num}:{name}" if sweep else name,
             "tags": self.tags,
-            "config": {k: v for k, v in OmegaConf.to_container(config, resolve=True).items() if k != "hydra"},
+            "config": job_config(config),
             "dir": str(run_dir),
             "mode": wandb_mode(),
             "reinit": "finish_previous",

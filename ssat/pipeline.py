@@ -312,6 +312,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # Choosing points: the select stage, plus a coreset's re-selections inside ssat (counted in its seconds).
         "selection_seconds": selected.seconds + trained.info.get("reselection_seconds", 0.0),
         "reselections": trained.info.get("reselections"),
+        # A coreset's epochs (ACS): warm start, skipped epochs, batches per full and per coreset epoch.
+        "coreset_schedule": trained.info.get("coreset_schedule"),
         "total_seconds": sum(r.seconds for r in results.values()),
         "cached": {name: r.cached for name, r in results.items()},
         "stage_keys": {name: r.key for name, r in results.items()},

@@ -175,7 +175,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     cache = StageCache(cfg.cache_dir)
     make_trainer = trainer_factory(cfg, run_dir)
     device = device_of(cfg)
-    data_inputs = {"dataset": cfg.dataset, "pool": cfg.pool, "val_size": cfg.val_size,
+    # pool.labels says which labels the selection trains with: the pseudo_label stage's input, not the data's
+    pool_data = {key: value for key, value in OmegaConf.to_container(cfg.pool, resolve=True).items() if key != "labels"}
+    data_inputs = {"dataset": cfg.dataset, "pool": pool_data, "val_size": cfg.val_size,
                    "pool_files": getattr(data.pool_images, "fingerprint", None)}
     sizes = data.sizes()
     results: dict[str, StageResult] = {}
@@ -230,11 +232,14 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         lambda out: select_pool(selector, pool_embedding, cfg.budget, cfg.seed, out))
     selection = np.load(selected.path / "selection.npy")
 
+    # pool.labels=file (npz pools): the selected pool points train on the files' labels, as the release does
+    pool_labels = cfg.pool.get("labels", "intermediate") if target.name == "pool" and not generative else None
+    file_labels = data.pool_hidden_labels if pool_labels == "file" else None
     labelled = run_stage(
-        "pseudo_label", f"{len(selection)} selected points",
-        {"embed": embedded.key, "select": selected.key},
+        "pseudo_label", f"{len(selection)} selected points ({pool_labels or 'true'} labels)",
+        {"embed": embedded.key, "select": selected.key, "labels": pool_labels},
         lambda out: pseudo_label(pool_embedding.logits, selection, out, target.hidden_labels(data),
-                                 target.known_labels(data)))
+                                 target.known_labels(data), file_labels))
     train_data, train_selection, train_labels = target.training_data(
         data, selection, np.load(labelled.path / "pseudo_labels.npy"))
 
@@ -302,6 +307,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "sanity": sanity,
         "sanity_passed": sanity["passed"],
         "pseudo_label_acc": labelled.info.get("pseudo_label_acc"),
+        "pool_labels": pool_labels,  # what the selected pool points trained with: intermediate or file (null: no pool)
         "intermediate_val_acc": intermediate.info["best_val"],
         "ssat_epochs": trained.info["epochs"],
         "ssat_best_epoch": trained.info["best_epoch"],

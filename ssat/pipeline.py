@@ -145,7 +145,15 @@ def trainer_factory(cfg: DictConfig, run_dir: Path):
 
 
 def build_model(cfg: DictConfig):
-    return build(cfg.model)
+    """The model group's network; its ``name`` (the config choice, for results.json) is not an argument."""
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    node.pop("name", None)
+    return build(node)
+
+
+def model_name(cfg: DictConfig) -> str:
+    """The model group's option (wrn28_10, not WideResNet): its ``name``, or the class for a model config without."""
+    return cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
 
 
 def _report_stage(result: StageResult) -> None:
@@ -203,7 +211,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                   cfg.seed, distributed.rank(), distributed.world_size(), dict(cfg.loader))
 
     intermediate = run_stage(
-        "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
+        "intermediate", f"{model_name(cfg)} on {sizes['labeled']} labeled images, "
         f"{inter_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate,
         distributed_stage=True)
@@ -291,7 +299,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "budget": 1.0 if n_selected == len(candidates) and not generative else cfg.budget,
         "seed": cfg.seed,
         "attack": ssat_loss.name,
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "model": model_name(cfg),
         "target": target.name,
         "sizes": {**sizes, **selected.info},
         "n_pool": sizes["pool"],

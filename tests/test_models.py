@@ -103,9 +103,10 @@ def test_bad_wide_resnet_shape_is_config_error(kwargs, words):
      ("wrn34_10", WideResNet, 640)],
 )
 def test_model_configs_instantiate(name, cls, feature_dim):
-    from hydra.utils import instantiate
+    from ssat.pipeline import build_model
 
     dataset = OmegaConf.create({"dataset": dict(channels=3, num_classes=10, mean=RGB["mean"], std=RGB["std"])})
     cfg = OmegaConf.merge(dataset, {"model": OmegaConf.load(CONF / "model" / f"{name}.yaml")})
-    model = instantiate(cfg.model)
+    assert cfg.model.name == name, "results.json names the model by its config choice"
+    model = build_model(cfg)
     assert type(model) is cls and model.feature_dim == feature_dim and model.head.out_features == 10

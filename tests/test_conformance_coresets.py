@@ -205,3 +205,6 @@ def test_coreset_run_trains_a_share_c_of_full_ssats_examples_plus_the_warm_start
         "batches_per_coreset_epoch": coreset_batches}
     assert [r["epoch"] for r in coreset["reselections"]] == [start]
     assert coreset["ssat_epochs"] == warm + epochs - start and full["coreset_schedule"] is None
+    for run in (full, coreset):  # the learning-rate schedule counts the skipped epochs: it ends where full SSAT's does
+        last = shared_cache / "ssat" / run["stage_keys"]["ssat"] / "checkpoints" / "last.ckpt"
+        assert torch.load(last, map_location="cpu", weights_only=False)["lr_schedulers"][0]["last_epoch"] == epochs

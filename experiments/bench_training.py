@@ -70,7 +70,7 @@ class Bench:
         from ssat.config import build
         from ssat.data.sampler import SSATBatchSampler
         from ssat.data.training_set import LabeledAndSelected
-        from ssat.pipeline import build_model, check_config, load_data
+        from ssat.pipeline import check_config, load_data
 
         self.cfg = cfg = compose(overrides)
         check_config(cfg)
@@ -84,7 +84,7 @@ class Bench:
                                             pseudo)
         self.sampler = SSATBatchSampler(self.train_set.num_labeled, n_selected, cfg.ssat.batch_size,
                                         cfg.ssat.unsup_fraction, batches, seed=cfg.seed)
-        self.initial = build_model(cfg)
+        self.initial = build(cfg.model)
         self.loss = build(cfg.attack)
         self.warmup = warmup
         self.workdir = workdir
@@ -187,7 +187,7 @@ def main() -> None:
         "overrides": args.overrides,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
         else f"cpu ({torch.get_num_threads()} threads)",
-        "model": cfg.model.name,
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
         "dataset": cfg.dataset.name,
         "attack": {k: cfg.attack[k] for k in ("name", "steps")},
         "precision": str(cfg.trainer.precision),

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ssat import distributed
@@ -145,15 +146,18 @@ def trainer_factory(cfg: DictConfig, run_dir: Path):
 
 
 def build_model(cfg: DictConfig):
-    """The model group's network; its ``name`` (the config choice, for results.json) is not an argument."""
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    node.pop("name", None)
-    return build(node)
+    return build(cfg.model)
 
 
 def model_name(cfg: DictConfig) -> str:
-    """The model group's option (wrn28_10, not WideResNet): its ``name``, or the class for a model config without."""
-    return cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
+    """The model group's option (wrn28_10, not WideResNet, which wrn34_10 also builds) under Hydra, else the
+    class. (Not a ``name`` key in the model's config: that config is also instantiated whole, e.g. by
+    ``selector.model: ${model}``.)"""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("model")
+        if choice:
+            return choice
+    return cfg.model._target_.rsplit(".", 1)[-1]
 
 
 def _report_stage(result: StageResult) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 from hydra import compose, initialize_config_module
 
 from conftest import run_ssat
-from ssat.pipeline import build_model, load_data
+from ssat.config import build
+from ssat.pipeline import load_data
 from ssat.stages.embed import embed_pool
 from ssat.stages.training import load_weights
 
@@ -32,7 +33,7 @@ def test_ddp_two_cpu_processes_run_the_whole_pipeline(tmp_path):
     with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"cache_dir={cache}"])
     data = load_data(cfg)
-    model = load_weights(build_model(cfg), next((cache / "intermediate").glob("*/model.pt")))
+    model = load_weights(build(cfg.model), next((cache / "intermediate").glob("*/model.pt")))
     single = tmp_path / "single"
     single.mkdir()
     embed_pool(model, data.pool_images, single, 512)

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ssat import distributed
@@ -86,6 +87,17 @@ def build_model(cfg: DictConfig):
     return build(cfg.model)
 
 
+def model_name(cfg: DictConfig) -> str:
+    """The model group's option (wrn28_10, not WideResNet, which wrn34_10 also builds) under Hydra, else the
+    class. (Not a ``name`` key in the model's config: that config is also instantiated whole, e.g. by
+    ``selector.model: ${model}``.)"""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("model")
+        if choice:
+            return choice
+    return cfg.model._target_.rsplit(".", 1)[-1]
+
+
 def _report_stage(result: StageResult) -> None:
     state = "from cache" if result.cached else "done"
     log.info("    %s %s in %.1f s (%s)", result.name, state, result.seconds, result.path)
@@ -113,7 +125,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     cache = StageCache(cfg.cache_dir)
     make_trainer = trainer_factory(cfg, run_dir)
     device = device_of(cfg)
-    data_inputs = {"dataset": cfg.dataset, "pool": cfg.pool, "val_size": cfg.val_size,
+    # pool.labels says which labels the selection trains with: the pseudo_label stage's input, not the data's
+    pool_data = {key: value for key, value in OmegaConf.to_container(cfg.pool, resolve=True).items() if key != "labels"}
+    data_inputs = {"dataset": cfg.dataset, "pool": pool_data, "val_size": cfg.val_size,
                    "pool_files": getattr(data.pool_images, "fingerprint", None)}
     sizes = data.sizes()
     results: dict[str, StageResult] = {}
@@ -140,7 +154,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                   cfg.seed, distributed.rank(), distributed.world_size(), dict(cfg.loader))
 
     intermediate = run_stage(
-        "intermediate", f"{cfg.model._target_.rsplit('.', 1)[-1]} on {sizes['labeled']} labeled images, "
+        "intermediate", f"{model_name(cfg)} on {sizes['labeled']} labeled images, "
         f"{inter_cfg.epochs} epochs",
         {**data_inputs, "model": cfg.model, "intermediate": inter_cfg, "seed": cfg.seed}, compute_intermediate,
         distributed_stage=True)
@@ -169,11 +183,14 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         lambda out: select_pool(selector, pool_embedding, cfg.budget, cfg.seed, out))
     selection = np.load(selected.path / "selection.npy")
 
+    # pool.labels=file (npz pools): the selected pool points train on the files' labels, as the release does
+    pool_labels = cfg.pool.get("labels", "intermediate") if target.name == "pool" and not generative else None
+    file_labels = data.pool_hidden_labels if pool_labels == "file" else None
     labelled = run_stage(
-        "pseudo_label", f"{len(selection)} selected points",
-        {"embed": embedded.key, "select": selected.key},
+        "pseudo_label", f"{len(selection)} selected points ({pool_labels or 'true'} labels)",
+        {"embed": embedded.key, "select": selected.key, "labels": pool_labels},
         lambda out: pseudo_label(pool_embedding.logits, selection, out, target.hidden_labels(data),
-                                 target.known_labels(data)))
+                                 target.known_labels(data), file_labels))
     train_data, train_selection, train_labels = target.training_data(
         data, selection, np.load(labelled.path / "pseudo_labels.npy"))
 
@@ -225,7 +242,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "budget": 1.0 if n_selected == len(candidates) and not generative else cfg.budget,
         "seed": cfg.seed,
         "attack": ssat_loss.name,
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "model": model_name(cfg),
         "target": target.name,
         "sizes": {**sizes, **selected.info},
         "n_pool": sizes["pool"],
@@ -242,6 +259,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "sanity": sanity,
         "sanity_passed": sanity["passed"],
         "pseudo_label_acc": labelled.info.get("pseudo_label_acc"),
+        "pool_labels": pool_labels,  # what the selected pool points trained with: intermediate or file (null: no pool)
         "intermediate_val_acc": intermediate.info["best_val"],
         "ssat_epochs": trained.info["epochs"],
         "ssat_best_epoch": trained.info["best_epoch"],
@@ -252,6 +270,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # Choosing points: the select stage, plus a coreset's re-selections inside ssat (counted in its seconds).
         "selection_seconds": selected.seconds + trained.info.get("reselection_seconds", 0.0),
         "reselections": trained.info.get("reselections"),
+        # A coreset's epochs (ACS): warm start, skipped epochs, batches per full and per coreset epoch.
+        "coreset_schedule": trained.info.get("coreset_schedule"),
         "total_seconds": sum(r.seconds for r in results.values()),
         "cached": {name: r.cached for name, r in results.items()},
         "stage_keys": {name: r.key for name, r in results.items()},

@@ -106,7 +106,7 @@ def test_report_writes_the_table_and_three_plots(root, concurrent, wandb_sweep, 
     table = (out / "report.md").read_text()
     assert table == proc.stdout
     rows = table.splitlines()[2:]
-    assert sorted((r.split(" | ")[1], r.split(" | ")[2]) for r in rows) == [
+    assert sorted((r.split(" | ")[2], r.split(" | ")[3]) for r in rows) == [
         ("lcs_km", "0.1"), ("lcs_km", "0.2"), ("random", "0.3"), ("random", "0.4")]
     assert len((out / "report.csv").read_text().splitlines()) == 5
     for name in ("robust_vs_budget.png", "robust_vs_runtime.png", "selection_pca.png"):

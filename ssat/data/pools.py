@@ -318,16 +318,24 @@ def _npz_dir(pools_root: Path, path: str | os.PathLike, image_key: str, label_ke
     return pools_root / hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# What the selected points of an .npz pool train with (pool.labels): the intermediate model's pseudo-labels, or
+# the files' own labels (the release trains on those of the DDPM files).
+POOL_LABELS = ("intermediate", "file")
+
+
 def npz_pool(dataset: ImageDataset, val_size: int, paths, cache_dir: str | os.PathLike | None, name: str = "npz",
              image_key: str = "image", label_key: str = "label", num_labeled: int | None = None,
-             split_seed: int = 0) -> SemiSupervisedData:
+             split_seed: int = 0, labels: str = "file") -> SemiSupervisedData:
     """The data set's training images (minus validation) as the labeled set, one or more .npz files as the pool.
 
     Parts are joined in the given order; the pool's hidden labels are the files' labels when every part has them.
+    ``labels`` (which labels train, read by the pipeline) is checked here: ``file`` needs labels in every part.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ConfigError("pool.paths is empty; give one .npz or a list: pool.paths=[a.npz,b.npz]")
+    if labels not in POOL_LABELS:
+        raise ConfigError(f"pool.labels={labels!r} is not one of {', '.join(POOL_LABELS)}")
     for path in paths:
         _check_before_converting(Path(path), dataset, image_key, label_key)
     root = _pools_root(cache_dir)
@@ -338,7 +346,11 @@ def npz_pool(dataset: ImageDataset, val_size: int, paths, cache_dir: str | os.Pa
     for path, (images_path, _) in zip(paths, converted):
         _check_shape(_open_part(images_path).shape[1:], dataset, f"pool file {path}",
                      "use a pool generated for this data set")
-    label_paths = [labels for _, labels in converted]
+    label_paths = [label_path for _, label_path in converted]
+    if labels == "file" and None in label_paths:
+        unlabeled = paths[label_paths.index(None)]
+        raise ConfigError(f"pool.labels=file but {unlabeled} has no {label_key!r} array (pool.label_key); set "
+                          f"pool.labels=intermediate to train on the intermediate model's pseudo-labels")
     hidden = None if None in label_paths else np.concatenate([np.load(p) for p in label_paths])
     return _semi_supervised(dataset, val_size, num_labeled, split_seed, MemmapImages([i for i, _ in converted]),
                             hidden)

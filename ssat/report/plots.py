@@ -24,7 +24,7 @@ MAX_BACKGROUND = 20000
 def _by(records: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[tuple(r[k] for k in keys)].append(r)
+        groups[tuple(r.get(k, "") for k in keys)].append(r)
     return dict(sorted(groups.items()))
 
 
@@ -32,16 +32,27 @@ def _datasets_title(records: list[dict[str, Any]]) -> str:
     return ", ".join(sorted({r["dataset"] for r in records}))
 
 
+def legend_label(name: str, runs: list[dict[str, Any]]) -> str:
+    """A legend entry; a line whose runs failed their evaluation's sanity checks says so, as the tables do."""
+    failed = sum(not r.get("sanity", {}).get("passed", True) for r in runs)
+    return f"{name} [sanity FAILED in {failed} of {len(runs)} runs]" if failed else name
+
+
+def _series(records: list[dict[str, Any]], *keys: str) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by ``keys`` and named by them, the dataset and model only when they differ between runs."""
+    varying = [k for k in ("dataset", "model") if len({r.get(k, "") for r in records}) > 1]
+    return {" ".join(str(v) for v in key): runs for key, runs in _by(records, *varying, *keys).items()}
+
+
 def plot_budget(records: list[dict[str, Any]], path: Path) -> Path:
-    """Robust accuracy against budget, one line per (dataset, selector); error bars: the spread over seeds."""
+    """Robust accuracy against budget, one line per (dataset, model, selector); error bars: the spread over seeds."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    multi = len({r["dataset"] for r in records}) > 1
-    for (dataset, selector), runs in _by(records, "dataset", "selector").items():
+    for name, runs in _series(records, "selector").items():
         points = _by(runs, "budget")
         budgets = [b for (b,) in points]
         accs = [[r["robust_acc"] for r in rs] for rs in points.values()]
         ax.errorbar(budgets, [mean(a) for a in accs], yerr=[pstdev(a) for a in accs], marker="o", capsize=3,
-                    label=f"{dataset} {selector}" if multi else selector)
+                    label=legend_label(name, runs))
     ax.set_xlabel("budget (fraction of the pool selected)")
     ax.set_ylabel("robust accuracy (PGD)")
     ax.set_title(f"Robust accuracy against budget ({_datasets_title(records)}; mean ± sd over seeds)", fontsize=10)
@@ -53,8 +64,9 @@ def plot_budget(records: list[dict[str, Any]], path: Path) -> Path:
 def plot_runtime(records: list[dict[str, Any]], path: Path) -> Path:
     """Robust accuracy against the total compute of a run's stages (cached stages count at their original cost)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for (selector,), runs in _by(records, "selector").items():
-        ax.scatter([r["total_seconds"] for r in runs], [r["robust_acc"] for r in runs], label=selector, alpha=0.8)
+    for name, runs in _series(records, "selector").items():
+        ax.scatter([r["total_seconds"] for r in runs], [r["robust_acc"] for r in runs],
+                   label=legend_label(name, runs), alpha=0.8)
         for r in runs:
             ax.annotate(f"{r['budget']:g}", (r["total_seconds"], r["robust_acc"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")

@@ -45,7 +45,8 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         sampler: SSATBatchSampler, val_images: np.ndarray, val_labels: np.ndarray, out_dir: Path,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
         eval_batch_size: int, val_pgd: dict[str, Any] | None, loader: dict[str, Any] | None = None,
-        ema: dict[str, Any] | None = None, patience: int | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+        ema: dict[str, Any] | None = None, patience: int | None = None, callbacks: tuple = (),
+        trained_epochs: int | None = None) -> dict[str, Any]:
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
     resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt.
 
@@ -55,7 +56,10 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
     and EpochSeed reseeds the global RNGs from (seed, epoch) too, so on CPU the resumed run ends with the same
     weights, bit for bit, as an uninterrupted one. With ``ema`` ({decay, warmup}) validation and model.pt use the averaged weights; with ``patience``
     training stops once the monitored validation accuracy has not improved for that many epochs.
+    ``trained_epochs``: how many epochs the trainer runs when the learning-rate schedule's ``epochs`` include some
+    that a callback skips (an ACS coreset's).
     """
+    trained_epochs = epochs if trained_epochs is None else trained_epochs
     module = RobustClassifierModule(model, train_loss, optim, epochs, augment, val_pgd)
     monitor = "val/robust_acc" if val_pgd else "val/acc"
     ckpt_dir = out_dir / "checkpoints"
@@ -69,7 +73,7 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         callbacks.append(EMA(**ema))
     if patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience))
-    trainer = make_trainer(stage, out_dir, epochs, callbacks, len(sampler))
+    trainer = make_trainer(stage, out_dir, trained_epochs, callbacks, len(sampler))
     val_loader = eval_loader(val_images, val_labels, eval_batch_size)
     last = ckpt_dir / "last.ckpt"
     try:
@@ -90,7 +94,7 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         "best_epoch": int(best["epoch"]),
         # Epochs trained until the best validation score: what "trained to convergence" costs.
         "epochs_to_convergence": int(best["epoch"]) + 1,
-        "early_stopped": int(trainer.current_epoch) < epochs,
+        "early_stopped": int(trainer.current_epoch) < trained_epochs,
         "ema": bool(ema),
         "monitor": monitor,
         "best_val": float(score) if score is not None else None,

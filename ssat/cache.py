@@ -90,6 +90,13 @@ def manifest_problem(folder: Path, manifest: dict[str, list]) -> str | None:
     return None
 
 
+def stage_delay_for_tests(stage: str) -> float:
+    """Test-only: seconds to wait between a stage's work and its commit, from SSAT_TEST_STAGE_DELAY (for example
+    "select:2,embed:1"), so that a kill test can land in stages that take milliseconds. Unset: 0."""
+    delays = dict(item.split(":") for item in os.environ.get("SSAT_TEST_STAGE_DELAY", "").split(",") if item)
+    return float(delays.get(stage, 0))
+
+
 @contextmanager
 def exclusive(lock_file: Path, what: str):
     """Holds an exclusive flock on lock_file; says so once when another process holds it and this one waits."""
@@ -204,6 +211,7 @@ class StageCache:
         start = time.perf_counter()
         info = compute(work) if lead or distributed_stage else None
         seconds = time.perf_counter() - start
+        time.sleep(stage_delay_for_tests(name))
         if lead:
             write_json_atomic(work / RECORD, {"stage": name, "key": key, "seconds": seconds, "info": info,
                                               "files": file_manifest(work)})

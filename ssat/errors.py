@@ -1,10 +1,30 @@
 """Errors that end a run with one clear line instead of a traceback, and the data checks that raise them."""
 
+from contextlib import contextmanager
+
 import numpy as np
+
+# Exit codes of `python -m ssat.run`: bad input found before any work starts, or a run that failed later.
+BAD_INPUT, FAILED = 2, 1
 
 
 class SsatError(Exception):
-    """A problem with the user's input (config, data, files): printed as one line, exit code 2."""
+    """A problem with the user's input (config, data, files), or a stage that failed: printed as one line.
+
+    ``exit_code`` is BAD_INPUT unless the error surfaced while a stage computed (``during_work``): then FAILED.
+    """
+
+    exit_code = BAD_INPUT
+
+
+@contextmanager
+def during_work():
+    """Marks an SsatError raised inside as a failure of work under way (exit code 1), not bad input."""
+    try:
+        yield
+    except SsatError as err:
+        err.exit_code = FAILED
+        raise
 
 
 class ConfigError(SsatError):

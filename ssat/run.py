@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -12,21 +13,40 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ssat import distributed
+from ssat import distributed, tracking
 from ssat.cache import WRITE_ERRNOS
-from ssat.config import check_extras, check_group_choices, check_output_overrides
-from ssat.errors import SsatError
+from ssat.config import check_command_line
+from ssat.errors import BAD_INPUT, FAILED, SsatError
 from ssat.pipeline import format_summary, run_pipeline
+from ssat.pipeline.summary import RESULTS
 
 log = logging.getLogger("ssat")
 
 # Part of the default run directory's name: two runs started in the same microsecond still get their own.
 OmegaConf.register_new_resolver("ssat.pid", os.getpid, replace=True)
 
+# What Hydra writes into a job's folder before the job does anything: a folder holding only these held no work.
+HYDRA_FILES = {".hydra", "run.log", "multirun.yaml"}
 
-def fail(message: str) -> None:
+
+def fail(message: str, exit_code: int = BAD_INPUT) -> None:
     print(f"ssat: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(exit_code)
+
+
+def remove_if_empty_of_work(run_dir: Path) -> None:
+    """A job that failed before any work leaves nothing: its folder goes, and so do the parents inside the working
+    directory that it leaves empty (outputs/<date>/, a sweep's folder holding only multirun.yaml)."""
+    folder, cwd = run_dir.resolve(), Path.cwd().resolve()
+    for handler in logging.root.handlers:  # run.log is closed before its folder goes
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(folder):
+            logging.root.removeHandler(handler)
+            handler.close()
+    while folder.is_dir() and {p.name for p in folder.iterdir()} <= HYDRA_FILES:
+        shutil.rmtree(folder)
+        folder = folder.parent
+        if folder == cwd or not folder.is_relative_to(cwd):
+            return
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -37,21 +57,24 @@ def main(cfg: DictConfig) -> float:
     try:
         summary = run_pipeline(cfg, run_dir)
     except SsatError as err:
-        fail(str(err))
-    except OSError as err:  # a write outside the stages (run dir, logs); stages say which stage failed
+        tracking.finish_failed()
+        if err.exit_code == BAD_INPUT:
+            remove_if_empty_of_work(run_dir)
+        fail(str(err), err.exit_code)
+    except OSError as err:  # a write outside the stages (the run dir's files), after the work
         if err.errno not in WRITE_ERRNOS:
             raise
-        fail(f"could not write {err.filename}: {err.strerror}")
-    if distributed.rank() == 0:
-        log.info("results in %s\n\n%s\n", run_dir / "results.json", format_summary(summary))
+        tracking.finish_failed()
+        fail(f"could not write {err.filename}: {err.strerror}", FAILED)
+    if distributed.rank() == 0 and "stage" not in summary:  # a partial run (+stage=...) has logged its stages
+        log.info("results in %s\n\n%s\n", run_dir / RESULTS, format_summary(summary))
     return summary["robust_acc"]
 
 
 def cli() -> None:
+    """Checks every job of the command line (sys.argv) before Hydra starts, then runs them."""
     try:
-        check_group_choices(sys.argv[1:])
-        check_extras(sys.argv[1:])
-        check_output_overrides(sys.argv[1:])
+        check_command_line(sys.argv[1:])
     except SsatError as err:
         fail(str(err))
     main()

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ssat.pipeline.summary import RESULTS, RUN_FILES
 from ssat.errors import ConfigError
 
 # wandb.init's arguments for this job, set by WandbRun.on_job_start; the run itself once opened.
@@ -79,6 +80,20 @@ def stage_summaries(results: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     return flat
 
 
+def job_config(config: DictConfig) -> dict[str, Any]:
+    """The job's config, resolved, without the hydra node: resolving that needs hydra.job.num, a multirun's alone."""
+    return {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            for key, value in ((key, config[key]) for key in config if key != "hydra")}
+
+
+def finish_failed() -> None:
+    """A job that ends with a one-line error (no Hydra on_job_end follows) still finishes its open run, failed."""
+    global _job, _run
+    if _run is not None:
+        _run.finish(exit_code=1)
+    _job = _run = None
+
+
 class WandbRun(Callback):
     """Opens (lazily) and always finishes the job's W&B run; logs the stage records and the run's artifacts."""
 
@@ -105,7 +120,7 @@ class WandbRun(Callback):
             "job_type": self.job_type,
             "name": f"{hydra.job.num}:{name}" if sweep else name,
             "tags": self.tags,
-            "config": {k: v for k, v in OmegaConf.to_container(config, resolve=True).items() if k != "hydra"},
+            "config": job_config(config),
             "dir": str(run_dir),
             "mode": wandb_mode(),
             "reinit": "finish_previous",
@@ -121,11 +136,11 @@ class WandbRun(Callback):
             if job_return.status == JobStatus.COMPLETED:
                 import wandb
 
-                results = json.loads((run_dir / "results.json").read_text())
+                results = json.loads((run_dir / RESULTS).read_text())
                 run.summary.update(stage_summaries(results, Path(config.cache_dir)))
                 artifact = wandb.Artifact(f"results-{run.id}", type="results",
                                           metadata={k: results[k] for k in ("selector", "budget", "seed")})
-                for name in ("results.json", "selection.npy", "scores.npy"):
+                for name in RUN_FILES:
                     artifact.add_file(str(run_dir / name))
                 run.log_artifact(artifact)
         finally:

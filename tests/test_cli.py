@@ -78,8 +78,9 @@ def test_another_seed_selects_differently(selector_runs, shared_cache, tmp_path)
 
 
 def test_multirun_over_selectors_and_budgets(selector_runs, shared_cache, tmp_path):
+    """Hydra's sweep grammar (choice(...) here) reaches Hydra's sweeper whole: ssat's checks parse it the same way."""
     sweep = tmp_path / "sweep"
-    run_ssat("-m", "selector=random,lcs_gmm", "budget=0.1,0.2", f"hydra.sweep.dir={sweep}",
+    run_ssat("-m", "selector=choice(random,lcs_gmm)", "budget=0.1,0.2", f"hydra.sweep.dir={sweep}",
              run_dir=tmp_path / "unused", cache_dir=shared_cache)
     found = {}
     for path in sorted(sweep.glob("*/results.json")):

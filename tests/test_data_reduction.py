@@ -183,8 +183,9 @@ def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
         train_set = LabeledAndSelected(images[:40], labels[:40], images[40:], np.arange(200), labels[40:240])
         sampler = SSATBatchSampler(40, 200, 32, 0.5, num_batches=5)
         selector = CoresetSelector("coreset_craig", Craig(), select_every=1, kappa=0.0)
+        schedule = selector.schedule(4, 60 / 200, len(sampler))
         parts.append((train_set, sampler, CoresetReselection(selector, train_set, sampler, PGDATLoss(0.1, 0.025, 1),
-                                                             60, 4, 0, tmp_path)))
+                                                             60, schedule, 0, tmp_path)))
     (first_set, first_sampler, first), (second_set, second_sampler, second) = parts
     assert first_sampler.unlabeled_subset is None and (first_set.weights == 1).all()  # before any choice
     first.reselect(SmallCNN(in_channels=1, num_classes=10, mean=[0.3], std=[0.4], width=8), torch.device("cpu"), 2)
@@ -198,6 +199,7 @@ def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
     np.testing.assert_array_equal(second_sampler.unlabeled_subset.numpy(), chosen)
     np.testing.assert_array_equal(second_set.weights, first_set.weights)
     assert second.history == first.history and first.history[0]["epoch"] == 2
+    assert first_sampler.num_batches == second_sampler.num_batches == round(0.3 * 5), "kappa 0: no warm start"
 
 
 # ---------------------------------------------------------------- through the command line
@@ -216,7 +218,8 @@ def test_data_pruning_trains_on_the_reduced_labeled_set_alone(tmp_path):
 
 
 def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
-    """6 epochs, kappa 0.5: warm start on every candidate for epochs 0-2, coreset chosen at 3 and 5."""
+    """6 epochs, kappa 0.5, budget 0.3: warm start on every candidate for round(0.3 x 3) = 1 epoch, epochs 1-2
+    skipped, coreset chosen at 3 and 5."""
     run = run_ssat("selector=coreset_gradmatch", "budget=0.3", "selector.select_every=2", "selector.kappa=0.5",
                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
     results = run.results
@@ -254,7 +257,7 @@ def test_multirun_of_new_selectors_beside_lcs(tmp_path):
         assert results["n_selected"] == round(0.3 * results["sizes"]["pool"])
         assert results["selection_seconds"] > 0 and 0 < results["robust_acc"] < results["clean_acc"]
     assert found["extrapolation"]["sizes"]["boundary"] == found["extrapolation"]["n_selected"]
-    assert [r["epoch"] for r in found["coreset_craig_pb"]["reselections"]] == [4]  # kappa 0.6 of 6 epochs
+    assert [r["epoch"] for r in found["coreset_craig_pb"]["reselections"]] == [3]  # ACS: int(0.6 x 6 epochs)
     run_dir = next(sweep.glob("*_extrapolation_*"))
     scores, selection = np.load(run_dir / "scores.npy"), np.load(run_dir / "selection.npy")
     assert np.isfinite(scores).all() and len(np.unique(scores)) > 10

@@ -11,7 +11,7 @@ from conftest import run_ssat
 from ssat.config import build
 from ssat.pipeline import load_data
 from ssat.stages.embed import embed_pool
-from ssat.stages.training import load_weights
+from ssat.artifacts import ModelWeights
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
@@ -33,7 +33,7 @@ def test_ddp_two_cpu_processes_run_the_whole_pipeline(tmp_path):
     with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"cache_dir={cache}"])
     data = load_data(cfg)
-    model = load_weights(build(cfg.model), next((cache / "intermediate").glob("*/model.pt")))
+    model = ModelWeights.load_into(build(cfg.model), next((cache / "intermediate").glob("*/model.pt")).parent)
     single = tmp_path / "single"
     single.mkdir()
     embed_pool(model, data.pool_images, single, 512)

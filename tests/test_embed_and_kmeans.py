@@ -13,7 +13,8 @@ from ssat.data.training_set import LabeledAndSelected
 from ssat.errors import DataError
 from ssat.models import SmallCNN
 from ssat.selection import PoolEmbedding, RandomSelector
-from ssat.stages.embed import embed_pool, load_embedding
+from ssat.artifacts import Embedding
+from ssat.stages.embed import embed_pool
 from ssat.stages.select import select_pool
 
 
@@ -62,7 +63,7 @@ def test_interrupted_embed_resumes_and_equals_an_uninterrupted_one(model, digits
 
 def test_embed_in_float16_halves_the_feature_file(model, digits_images, tmp_path):
     embed_pool(model, digits_images, tmp_path, batch_size=256, dtype="float16")
-    pool = load_embedding(tmp_path)
+    pool = Embedding.load(tmp_path)
     assert pool.features.dtype == np.float16 and pool.features.shape == (len(digits_images), model.feature_dim)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import signal
@@ -10,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from conftest import FAST, run_ssat
 from ssat.attacks import TradesLoss
@@ -29,6 +33,47 @@ SHORT_SSAT = [f"ssat.epochs={EPOCHS}", f"ssat.batches_per_epoch={BATCHES}"]
 
 def committed(cache: Path, stage: str) -> list[Path]:
     return [p for p in (cache / stage).glob("*") if (p / "record.json").exists()]
+
+
+def fit_digits(out_dir: Path, loader: dict, stop_at: int | None = None) -> dict:
+    """4 epochs of TRADES with augmentation, validation PGD and an EMA on 256 digits, seeded as a stage is;
+    ``stop_at``: the attempt raises at that epoch's start, leaving last.ckpt of the epoch before, as a kill would."""
+    digits = load_digits()
+    images, labels = digits.train_images[:256], digits.train_labels[:256]
+    L.seed_everything(3, verbose=False)
+    model = SmallCNN(1, 10, [0.3], [0.4], width=8)
+
+    class StopAt(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == stop_at:
+                raise RuntimeError("stopped")
+
+    def make_trainer(stage, out_dir, max_epochs, callbacks, batches_per_epoch):
+        return build_trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, callbacks=[*callbacks, StopAt()],
+                             logger=False, default_root_dir=str(out_dir), enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, inference_mode=False,
+                             use_distributed_sampler=False)
+
+    sampler = SSATBatchSampler(len(labels), 0, 64, 0.0, seed=5)
+    return fit(model, TradesLoss(eps=0.1, alpha=0.05, steps=2), LabeledAndSelected(images, labels), sampler,
+               images[:64], labels[:64], out_dir, make_trainer, "ssat", epochs=4,
+               optim={"lr": 0.05, "schedule": "cosine"}, augment={"crop_padding": 1}, eval_batch_size=64,
+               val_pgd={"eps": 0.1, "alpha": 0.05, "steps": 2, "random_start": True}, loader=loader,
+               ema={"decay": 0.9, "warmup": 2})
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fit_resumed_from_last_ckpt_ends_with_the_uninterrupted_weights_bit_for_bit(tmp_path, num_workers):
+    """Augmentation, TRADES' random start and the validation PGD draw from the global RNGs; the resumed attempt
+    must draw what the uninterrupted one drew (with loader workers too, which start at other points)."""
+    loader = {"num_workers": num_workers}
+    whole = fit_digits(tmp_path / "whole", loader)
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit_digits(tmp_path / "resumed", loader, stop_at=2)
+    resumed = fit_digits(tmp_path / "resumed", loader)
+    assert resumed == whole
+    expected, got = (torch.load(tmp_path / run / "model.pt") for run in ("whole", "resumed"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_kill_9_mid_ssat_then_rerun_resumes_to_the_same_final_epoch(tmp_path):
@@ -105,10 +150,10 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "model.pt").exists()
 
 
-def test_diverging_run_ends_with_one_line_and_exit_code_2(tmp_path):
+def test_diverging_run_ends_with_one_line_and_exit_code_1(tmp_path):
     run = run_ssat("intermediate.epochs=1", "intermediate.optim.lr=1e12", run_dir=tmp_path / "run",
                    cache_dir=tmp_path / "cache", check=False)
-    assert run.proc.returncode == 2
+    assert run.proc.returncode == 1  # it failed during work; 2 is bad input found before any
     (line,) = [x for x in run.proc.stderr.splitlines() if x.startswith("ssat: error:")]
     assert "intermediate: the training loss became" in line and "lower the learning rate" in line
     assert "Traceback" not in run.proc.stderr
@@ -140,7 +185,7 @@ def test_full_disk_fails_with_a_message_and_commits_nothing(tmp_path):
     args = [sys.executable, "-m", "ssat.run", *FAST, "intermediate.epochs=2", f"hydra.run.dir={tmp_path / 'run'}",
             f"cache_dir={cache}"]
     proc = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a failure during work, not bad input
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("ssat: error:")]
     assert "stage intermediate could not write" in line and "File too large" in line
     assert "Traceback" not in proc.stderr
@@ -150,3 +195,112 @@ def test_full_disk_fails_with_a_message_and_commits_nothing(tmp_path):
     assert partial and sorted(p.name for p in (cache / "intermediate").iterdir()) == sorted(
         [*partial, partial[0].replace(".partial", ".lock")])
     assert not any(cache.rglob("*.ckpt")) and not any(cache.rglob(".*.tmp-*"))
+
+
+# --- kill anywhere: SIGKILL in every stage, then the same command: the uninterrupted run's results, bit for bit
+
+SHORT = ["intermediate.epochs=5", "ssat.epochs=3", "eval.pgd.steps=5", "eval.val_pgd.steps=2", "seed=7",
+         "eval.chunk_size=100"]
+TINY_GENERATION = ["selector=lcg_km", "generation.pretrain.epochs=3", "generation.finetune.epochs=2",
+                   "generation.num_images=64", "generation.sampler.num_inference_steps=4",
+                   "generation.sampler.batch_size=16", "ssat.epochs=2"]
+TRAINING = ("intermediate", "ssat", "ddpm_pretrain", "ddpm_finetune")
+CHECKPOINT = "checkpoints/last.ckpt"
+# (overrides, where each attempt is killed: a stage and the file in its unfinished folder whose writing by that
+# attempt triggers the kill); then the same command runs once more to the end. A training stage's checkpoint
+# puts the kill in a later epoch (after a resume, the second time), its unet/ after its last epoch.
+CHAINS = {
+    # the default pipeline (lcs_km) with an EMA; SSAT killed twice in a row
+    "selection": ([*SHORT, "ssat.ema.decay=0.9"],
+                  [("intermediate", CHECKPOINT), ("embed", "progress.json"), ("select", "selection.npy"),
+                   ("pseudo_label", "pseudo_labels.npy"), ("ssat", CHECKPOINT), ("ssat", CHECKPOINT),
+                   ("evaluate", "flags/pgd/*.npy")]),
+    "generation": ([*SHORT, *TINY_GENERATION],
+                   [("ddpm_pretrain", CHECKPOINT), ("ddpm_finetune", "unet/*"), ("sample", "progress.json")]),
+}
+# Held between the stage's work and its commit (SSAT_TEST_STAGE_DELAY), so that a kill after the work of a stage
+# of milliseconds still lands before the commit.
+HOLD_S = 30
+# What differs between two runs of one command: how long stages took, where they live, which came from the cache.
+VOLATILE = {"cached", "timings", "total_seconds", "wall_seconds", "selection_seconds", "stage_dirs"}
+
+
+def outcome(run_dir: Path) -> dict:
+    """results.json less its timings and paths, every stage's record (epochs, steps, probes...) less where a
+    resumed stage picked up, and a hash of every array and weight file that every stage wrote (the selection,
+    features, flags, samples, model.pt of the classifiers and the DDPMs' safetensors)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    stages = {stage: Path(folder) for stage, folder in results["stage_dirs"].items()}
+    records = {stage: json.loads((folder / "record.json").read_text())["info"] for stage, folder in stages.items()}
+    files = {f"{stage}/{path.relative_to(folder)}": hashlib.sha256(path.read_bytes()).hexdigest()
+             for stage, folder in stages.items() for path in sorted(folder.rglob("*"))
+             if path.suffix in (".npy", ".pt", ".safetensors")}
+    return {"results": {k: v for k, v in results.items() if k not in VOLATILE},
+            "records": {stage: {k: v for k, v in info.items() if k != "resumed_at"} for stage, info in records.items()},
+            "files": files}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The outcome of each chain's command run once without a kill, in its own cache."""
+    outcomes = {}
+
+    def of(chain: str) -> dict:
+        if chain not in outcomes:
+            root = tmp_path_factory.mktemp(f"uninterrupted_{chain}")
+            run = run_ssat(*CHAINS[chain][0], run_dir=root / "run", cache_dir=root / "cache", fast=False)
+            outcomes[chain] = outcome(run.run_dir)
+        return outcomes[chain]
+
+    return of
+
+
+def written_since(pattern: str, cache: Path, since: float) -> bool:
+    for path in cache.glob(pattern):
+        try:
+            if path.stat().st_mtime >= since:
+                return True
+        except FileNotFoundError:  # replaced between glob and stat: a newer one is there
+            return True
+    return False
+
+
+def kill_in(stage: str, trigger: str, overrides: list[str], cache: Path, run_dir: Path, log: Path) -> None:
+    """Runs the command and kills it with SIGKILL inside ``stage`` once this attempt has written ``trigger`` there;
+    the stage stays uncommitted."""
+    args = [sys.executable, "-m", "ssat.run", *overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSAT_TEST_STAGE_DELAY": f"{stage}:{HOLD_S}"}
+    started = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 600
+            while not written_since(f"{stage}/*.partial/{trigger}", cache, started):
+                assert proc.poll() is None, f"the run ended before {stage}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert not committed(cache, stage), f"{stage} was committed before the kill"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chain", CHAINS)
+def test_kill_9_in_every_stage_then_rerun_gives_the_uninterrupted_results_bit_for_bit(tmp_path, uninterrupted,
+                                                                                       chain):
+    overrides, kills = CHAINS[chain]
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    logs = [tmp_path / f"attempt{i}.log" for i in range(len(kills))]
+    for (stage, trigger), log in zip(kills, logs):
+        kill_in(stage, trigger, overrides, cache, run_dir, log)
+    rerun = run_ssat(*overrides, run_dir=run_dir, cache_dir=cache, fast=False)
+    later_output = [log.read_text() for log in logs[1:]] + [rerun.proc.stdout + rerun.proc.stderr]
+    for (stage, _), output in zip(kills, later_output):
+        if stage in TRAINING:  # the next attempt resumed the killed training stage, not started it again
+            assert f"Restoring states from the checkpoint path at {cache.resolve()}/{stage}/" in output
+    got, expected = outcome(run_dir), uninterrupted(chain)
+    for part in ("results", "records", "files"):  # results first: the readable difference
+        assert got[part] == expected[part], part

@@ -192,7 +192,7 @@ def test_bad_sources_fail_in_one_line_and_leave_nothing_that_looks_finished(tmp_
     with pytest.raises(DataError, match=message) as err:
         convert_npz(source, out)
     assert str(source) in str(err.value) and "\n" not in str(err.value)
-    assert sorted(p.name for p in out.iterdir()) == []
+    assert not out.exists(), "a failed conversion leaves no folder behind"
 
 
 def test_missing_source_file(tmp_path):
@@ -221,8 +221,11 @@ def test_npz_pool_splits_the_data_set_and_joins_the_parts(tmp_path, parts, digit
 
 def test_npz_pool_hidden_labels_need_every_part(tmp_path, parts, digits):
     np.savez(tmp_path / "unlabelled.npz", image=digits[0][:10])
-    data = npz_pool(indexed_dataset(100), 20, [parts[0], tmp_path / "unlabelled.npz"], tmp_path / "cache")
+    data = npz_pool(indexed_dataset(100), 20, [parts[0], tmp_path / "unlabelled.npz"], tmp_path / "cache",
+                    labels="intermediate")
     assert data.pool_hidden_labels is None and len(data.pool_images) == 710
+    with pytest.raises(ConfigError, match="pool.labels=file but .*unlabelled.npz has no 'label' array"):
+        npz_pool(indexed_dataset(100), 20, [parts[0], tmp_path / "unlabelled.npz"], tmp_path / "cache")
 
 
 def test_npz_pool_must_match_the_data_set(tmp_path, parts, cifar):

@@ -283,6 +283,8 @@ def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"no class folders in {split_dir}; expected {split_dir}/<class>/<image> files")
+    if len(classes) == 1:
+        raise DataError(f"{split_dir} holds 1 class folder ({classes[0]}); a classifier needs at least 2 classes")
     files = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name

@@ -177,6 +177,7 @@ def convert_npz(npz_path: str | os.PathLike, out_dir: str | os.PathLike, image_k
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+        _drop_if_empty(out_dir)
     return images_path, labels_path if labels is not None else None
 
 
@@ -284,6 +285,14 @@ def _clear(out_dir: Path) -> None:
     _write(out_dir, clear)
 
 
+def _drop_if_empty(folder: Path) -> None:
+    """A failed conversion leaves no empty folder behind (its own, or the pools folder it was the first in)."""
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or already gone
+        pass
+
+
 def _publish(out_dir: Path, staged: dict[str, Path], meta: dict) -> None:
     """Rename the staged files into place, then write meta.json: its presence marks the folder complete."""
 
@@ -310,25 +319,65 @@ def _npz_dir(pools_root: Path, path: str | os.PathLike, image_key: str, label_ke
     return pools_root / hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# What the selected points of an .npz pool train with (pool.labels): the intermediate model's pseudo-labels, or
+# the files' own labels (the release trains on those of the DDPM files).
+POOL_LABELS = ("intermediate", "file")
+
+
 def npz_pool(dataset: ImageDataset, val_size: int, paths, cache_dir: str | os.PathLike | None, name: str = "npz",
              image_key: str = "image", label_key: str = "label", num_labeled: int | None = None,
-             split_seed: int = 0) -> SemiSupervisedData:
+             split_seed: int = 0, labels: str = "file") -> SemiSupervisedData:
     """The data set's training images (minus validation) as the labeled set, one or more .npz files as the pool.
 
     Parts are joined in the given order; the pool's hidden labels are the files' labels when every part has them.
+    ``labels`` (which labels train, read by the pipeline) is checked here: ``file`` needs labels in every part.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ConfigError("pool.paths is empty; give one .npz or a list: pool.paths=[a.npz,b.npz]")
+    if labels not in POOL_LABELS:
+        raise ConfigError(f"pool.labels={labels!r} is not one of {', '.join(POOL_LABELS)}")
+    for path in paths:
+        _check_before_converting(Path(path), dataset, image_key, label_key)
     root = _pools_root(cache_dir)
-    converted = [convert_npz(p, _npz_dir(root, p, image_key, label_key), image_key, label_key) for p in paths]
+    try:
+        converted = [convert_npz(p, _npz_dir(root, p, image_key, label_key), image_key, label_key) for p in paths]
+    finally:
+        _drop_if_empty(root)
     for path, (images_path, _) in zip(paths, converted):
         _check_shape(_open_part(images_path).shape[1:], dataset, f"pool file {path}",
                      "use a pool generated for this data set")
-    label_paths = [labels for _, labels in converted]
+    label_paths = [label_path for _, label_path in converted]
+    if labels == "file" and None in label_paths:
+        unlabeled = paths[label_paths.index(None)]
+        raise ConfigError(f"pool.labels=file but {unlabeled} has no {label_key!r} array (pool.label_key); set "
+                          f"pool.labels=intermediate to train on the intermediate model's pseudo-labels")
     hidden = None if None in label_paths else np.concatenate([np.load(p) for p in label_paths])
     return _semi_supervised(dataset, val_size, num_labeled, split_seed, MemmapImages([i for i, _ in converted]),
                             hidden)
+
+
+def _check_before_converting(path: Path, dataset: ImageDataset, image_key: str, label_key: str) -> None:
+    """A pool that can never serve this data set (other image shape, labels outside its classes) is refused from
+    its headers, before a conversion fills the cache; an unreadable file is left to convert_npz to report."""
+    try:
+        with zipfile.ZipFile(path.expanduser()) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            if image_key not in members:
+                return
+            where = f"pool file {path}"
+            with archive.open(members[image_key]) as f:
+                n, h, w, c = _image_shape(f"{path}[{image_key!r}]", *_read_header(f))
+            _check_shape((c, h, w), dataset, where, "use a pool generated for this data set")
+            labels = _read_labels(archive, members[label_key], f"{path}[{label_key!r}]", n) \
+                if label_key in members else None
+    except _READ_ERRORS:
+        return
+    classes = len(dataset.classes)
+    if labels is not None and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"{where} holds labels {labels.min()}..{labels.max()} under {label_key!r}; the data set "
+                        f"has {classes} classes, 0..{classes - 1} (set pool.label_key to another key to leave them "
+                        f"out)")
 
 
 def image_folder_pool(dataset: ImageDataset, val_size: int, root: str | os.PathLike,
@@ -362,7 +411,11 @@ def image_folder_pool(dataset: ImageDataset, val_size: int, root: str | os.PathL
     out_dir = _pools_root(cache_dir) / key[:16]
     images_path = out_dir / IMAGES
     if not ((out_dir / META).is_file() and images_path.is_file()):
-        _decode_folder(files, folder, out_dir, "L" if channels == 1 else "RGB", image_size, (channels, height, width))
+        try:
+            _decode_folder(files, folder, out_dir, "L" if channels == 1 else "RGB", image_size,
+                           (channels, height, width))
+        finally:
+            _drop_if_empty(out_dir.parent)
     pool = MemmapImages([images_path])
     _check_shape(pool.shape[1:], dataset, f"pool folder {folder}", f"set pool.image_size={height} to resize them")
     return _semi_supervised(dataset, val_size, num_labeled, split_seed, pool, None)
@@ -389,6 +442,7 @@ def _decode_folder(files: list[Path], folder: Path, out_dir: Path, mode: str, im
                                              "shape": [len(files), *expected]})
     finally:
         staged.unlink(missing_ok=True)
+        _drop_if_empty(out_dir)
 
 
 def _check_shape(shape: tuple[int, ...], dataset: ImageDataset, what: str, fix: str) -> None:

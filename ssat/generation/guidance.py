@@ -70,7 +70,7 @@ class ClusterGapGuidance(GuidanceLoss):
     def __init__(self, components: int = 5, seed: int = 0):
         super().__init__()
         if components < 2:
-            raise ConfigError(f"generation.guidance.components={components} must be at least 2 for a gap")
+            raise ConfigError(f"selector.guidance.components={components} must be at least 2 for a gap")
         self.components, self.seed = components, seed
         # (classes, components, classes) centres and which of them exist; filled by fit (and by a checkpoint).
         self.register_buffer("centres", torch.zeros(0, components, 0))

@@ -21,12 +21,12 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from ssat import distributed
+from ssat.artifacts import GeneratedImages
 from ssat.attacks import eval_mode
 from ssat.cache import write_json_atomic
 from ssat.errors import ConfigError
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
-IMAGES = "images.npy"
 PROGRESS = "progress.json"
 
 
@@ -67,11 +67,11 @@ def denoise(unet: UNet2DModel, sampler, n: int, generator: torch.Generator,
 def _open_pool(out_dir: Path, layout: dict[str, Any]):
     """The images memory map and the rows already written by an earlier attempt with the same layout."""
     progress_file = out_dir / PROGRESS
-    if progress_file.exists() and (out_dir / IMAGES).exists():
+    if progress_file.exists() and (GeneratedImages.path(out_dir)).exists():
         progress = json.loads(progress_file.read_text())
         if {k: progress.get(k) for k in layout} == layout:
-            return np.load(out_dir / IMAGES, mmap_mode="r+"), progress["done"]
-    images = open_memmap(out_dir / IMAGES, mode="w+", dtype=np.uint8, shape=(layout["rows"], *layout["shape"]))
+            return np.load(GeneratedImages.path(out_dir), mmap_mode="r+"), progress["done"]
+    images = open_memmap(GeneratedImages.path(out_dir), mode="w+", dtype=np.uint8, shape=(layout["rows"], *layout["shape"]))
     write_json_atomic(progress_file, {**layout, "done": 0})
     return images, 0
 
@@ -104,10 +104,10 @@ def generate_pool(unet: UNet2DModel, scheduler_config: dict, out_dir: Path, n: i
                                   device)
     distributed.barrier()
     if rank == 0:
-        images = open_memmap(out_dir / IMAGES, mode="w+", dtype=np.uint8, shape=(n, *shape))
+        images = open_memmap(GeneratedImages.path(out_dir), mode="w+", dtype=np.uint8, shape=(n, *shape))
         for r, shard in enumerate(shards):
             if cuts[r + 1] > cuts[r]:
-                images[cuts[r]:cuts[r + 1]] = np.load(shard / IMAGES, mmap_mode="r")
+                images[cuts[r]:cuts[r + 1]] = np.load(GeneratedImages.path(shard), mmap_mode="r")
         images.flush()
         write_json_atomic(out_dir / PROGRESS, {**layout, "first_row": 0, "rows": n, "done": n})
         distributed.remove_shards(shards)

@@ -11,23 +11,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ssat import distributed
+from ssat.artifacts import SelectionFiles
 from ssat.attacks.autoattack import MIN_CLASSES as AUTOATTACK_MIN_CLASSES
 from ssat.cache import StageCache, check_writable
 from ssat.config import build
 from ssat.errors import ConfigError
-from ssat.pipeline.checks import check_config
 from ssat.pipeline.runner import Runner, upstream
 from ssat.pipeline.stage import Stage
+from ssat.schema import check_config
 from ssat.pipeline.summary import RunSummary, format_stages, format_summary, selection_sha256, write_run_dir
 from ssat.selection.target import selection_target
 from ssat.stages import embed, evaluate, intermediate, pseudo_label, select, ssat
 from ssat.stages.data import DATA, POOL, load_data
 
-__all__ = ["format_stages", "format_summary", "load_data", "plan", "run_pipeline"]
+__all__ = ["check_config", "format_stages", "format_summary", "load_data", "plan", "run_pipeline"]
 log = logging.getLogger("ssat")
 
 
@@ -61,6 +62,17 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary.to_dict()
 
 
+def model_name(cfg: DictConfig) -> str:
+    """The model group's option (wrn28_10, not WideResNet, which wrn34_10 also builds) under Hydra, else the
+    class. (Not a ``name`` key in the model's config: that config is also instantiated whole, e.g. by
+    ``selector.model: ${model}``.)"""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("model")
+        if choice:
+            return choice
+    return cfg.model._target_.rsplit(".", 1)[-1]
+
+
 def check_before_work(cfg: DictConfig, selector, stages: list[Stage], data) -> None:
     """What can be wrong with this run's settings, found before any stage trains."""
     if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
@@ -88,11 +100,13 @@ def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> 
     return RunSummary(
         dataset=cfg.dataset.name, selector=selector.name,
         budget=1.0 if selected["selected"] == selected["candidates"] and not generative else cfg.budget,
-        seed=cfg.seed, attack=cfg.attack.name, model=cfg.model._target_.rsplit(".", 1)[-1],
+        seed=cfg.seed, attack=cfg.attack.name, model=model_name(cfg),
         target=cfg.selection.target, sizes={**sizes, **selected}, n_pool=sizes["pool"],
         n_generated=sizes["pool"] if generative else 0, n_selected=selected["selected"],
         guidance=selector.guidance.describe() if generative else None,
-        selection_sha256=selection_sha256(np.load(results["select"].path / "selection.npy")),
+        pool_labels=results["pseudo_label"].info.get("pool_labels"),
+        coreset_schedule=trained.get("coreset_schedule"),
+        selection_sha256=selection_sha256(SelectionFiles.indices(results["select"].path)),
         clean_acc=evaluated["clean_acc"], robust_acc=evaluated["robust_acc"],
         autoattack_acc=evaluated.get("autoattack_acc"), autoattack_num_points=evaluated.get("autoattack_num_points"),
         autoattack_warnings=evaluated.get("autoattack_warnings", []), sanity=sanity, sanity_passed=sanity["passed"],

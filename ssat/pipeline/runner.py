@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from ssat.cache import StageCache, StageResult
 from ssat.config import build
-from ssat.errors import ConfigError
+from ssat.errors import ConfigError, during_work
 from ssat.pipeline.stage import Stage, UndeclaredRead, restricted_view, stage_key, values_at
 
 log = logging.getLogger("ssat")
@@ -112,7 +112,7 @@ class Runner:
     def keyed(self, stage: Stage, content: Any = None) -> tuple[str, dict[str, Any]]:
         """The stage's key and what it hashes (the values it reads and its inputs' keys; for an uncached stage
         also ``content``, a fingerprint of what it read, such as the data's files)."""
-        values = values_at(self.cfg, stage.paths(self.cfg))
+        values = values_at(self.cfg, stage.paths(self.cfg), stage.unkeyed)
         inputs = {need: self.results[need].key for need in stage.needs}
         if content is not None:
             inputs["content"] = content
@@ -132,12 +132,14 @@ class Runner:
                     log.info("[%d/%d] %s: %s", numbered.index(stage) + 1, len(numbered), stage.name,
                              stage.describe(ctx))
                     key, record = self.keyed(stage)
-                    result = self.cache.run(stage.name, key, record, lambda out: stage.run(ctx, out),
-                                            stage.every_rank)
+                    with during_work():
+                        result = self.cache.run(stage.name, key, record, lambda out: stage.run(ctx, out),
+                                                stage.every_rank)
                     state = "from cache" if result.cached else "done"
                     log.info("    %s %s in %.1f s (%s)", stage.name, state, result.seconds, result.path)
                 else:
-                    value, content = stage.run(ctx, None)
+                    with during_work():
+                        value, content = stage.run(ctx, None)
                     result = StageResult(stage.name, self.keyed(stage, content)[0], None, 0.0, False, {}, value)
             except Exception as err:
                 undeclared = _cause(err, UndeclaredRead)

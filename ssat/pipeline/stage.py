@@ -64,6 +64,7 @@ class Stage:
     describe: Callable[[StageContext], str] = field(default=lambda ctx: "")
     check: Callable[[DictConfig, Any], None] | None = None  # (cfg, data): its settings, before any stage runs
     code: tuple[str, ...] = ()  # packages it runs code of that no import shows (built from a config's _target_)
+    unkeyed: tuple[str, ...] = ()  # paths under its reads that it only checks: what it computes ignores them
 
     def paths(self, cfg: DictConfig) -> list[str]:
         """The declared paths that apply under this config."""
@@ -82,21 +83,23 @@ def is_under(path: str, prefixes: Iterable[str]) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
-def values_at(cfg: DictConfig, paths: Iterable[str]) -> dict[str, Any]:
-    """{path: resolved value} for each path, the location-only settings (UNKEYED) left out at any depth."""
+def values_at(cfg: DictConfig, paths: Iterable[str], unkeyed: Iterable[str] = ()) -> dict[str, Any]:
+    """{path: resolved value} for each path, the location-only settings (UNKEYED) and ``unkeyed`` left out at any
+    depth."""
+    left_out = (*UNKEYED, *unkeyed)
     out = {}
     for path in sorted(set(paths)):
-        if is_under(path, UNKEYED):
+        if is_under(path, left_out):
             continue
         value = plain(OmegaConf.select(cfg, path, throw_on_missing=True))
-        out[path] = _without_unkeyed(value, path)
+        out[path] = _without(value, path, left_out)
     return out
 
 
-def _without_unkeyed(value: Any, path: str) -> Any:
+def _without(value: Any, path: str, left_out: tuple[str, ...]) -> Any:
     if not isinstance(value, dict):
         return value
-    return {k: _without_unkeyed(v, f"{path}.{k}") for k, v in value.items() if not is_under(f"{path}.{k}", UNKEYED)}
+    return {k: _without(v, f"{path}.{k}", left_out) for k, v in value.items() if not is_under(f"{path}.{k}", left_out)}
 
 
 def stage_key(name: str, version: int, values: dict[str, Any], input_keys: dict[str, str]) -> str:

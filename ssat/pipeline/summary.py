@@ -11,10 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from ssat.artifacts import ModelWeights, SelectionFiles
 from ssat.cache import StageResult, write_json_atomic
 
 # Bump when a field of results.json changes meaning or goes away (adding one does not need it).
 SCHEMA_VERSION = 2
+RESULTS = "results.json"
+# What a run directory holds for people and trackers: the summary, the selection and every candidate's score.
+RUN_FILES = (RESULTS, SelectionFiles.INDICES, SelectionFiles.SCORES)
 
 
 @dataclass
@@ -33,6 +37,8 @@ class RunSummary:
     n_pool: int
     n_generated: int
     guidance: dict[str, str] | None  # a generative selector's guidance (PCG's sign: paper or release)
+    pool_labels: str | None        # what the selected pool points trained with: intermediate or file (null: no pool)
+    coreset_schedule: dict[str, Any] | None  # a coreset's epochs (ACS): warm start, skipped, batches per epoch
     n_selected: int
     selection_sha256: str          # equal across reruns: the same command selects the same points
     clean_acc: float
@@ -70,17 +76,17 @@ def selection_sha256(selection: np.ndarray) -> str:
 def write_run_dir(run_dir: Path, results: dict[str, StageResult], summary: RunSummary) -> None:
     """results.json, the selection and scores, and links to the checkpoints of the training stages."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("selection.npy", "scores.npy"):
+    for name in (SelectionFiles.INDICES, SelectionFiles.SCORES):
         shutil.copyfile(results["select"].path / name, run_dir / name)
     for stage in ("intermediate", "ssat"):
-        link_dir = run_dir / "checkpoints" / stage
+        link_dir = ModelWeights.checkpoint_dir(run_dir) / stage
         link_dir.mkdir(parents=True, exist_ok=True)
-        for ckpt in ("best.ckpt", "last.ckpt"):
-            target = results[stage].path / "checkpoints" / ckpt
+        for ckpt in (ModelWeights.BEST, ModelWeights.LAST):
+            target = ModelWeights.checkpoint_dir(results[stage].path) / ckpt
             link = link_dir / ckpt
             if target.exists() and not link.is_symlink():
                 os.symlink(target, link)
-    write_json_atomic(run_dir / "results.json", summary.to_dict())
+    write_json_atomic(run_dir / RESULTS, summary.to_dict())
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ssat.artifacts import Embedding, SelectionFiles  # noqa: E402
 from ssat.clustering.pca import fit_pca  # noqa: E402
 from ssat.errors import DataError  # noqa: E402
 
@@ -24,7 +25,7 @@ MAX_BACKGROUND = 20000
 def _by(records: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[tuple(r[k] for k in keys)].append(r)
+        groups[tuple(r.get(k, "") for k in keys)].append(r)
     return dict(sorted(groups.items()))
 
 
@@ -32,16 +33,27 @@ def _datasets_title(records: list[dict[str, Any]]) -> str:
     return ", ".join(sorted({r["dataset"] for r in records}))
 
 
+def legend_label(name: str, runs: list[dict[str, Any]]) -> str:
+    """A legend entry; a line whose runs failed their evaluation's sanity checks says so, as the tables do."""
+    failed = sum(not r.get("sanity", {}).get("passed", True) for r in runs)
+    return f"{name} [sanity FAILED in {failed} of {len(runs)} runs]" if failed else name
+
+
+def _series(records: list[dict[str, Any]], *keys: str) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by ``keys`` and named by them, the dataset and model only when they differ between runs."""
+    varying = [k for k in ("dataset", "model") if len({r.get(k, "") for r in records}) > 1]
+    return {" ".join(str(v) for v in key): runs for key, runs in _by(records, *varying, *keys).items()}
+
+
 def plot_budget(records: list[dict[str, Any]], path: Path) -> Path:
-    """Robust accuracy against budget, one line per (dataset, selector); error bars: the spread over seeds."""
+    """Robust accuracy against budget, one line per (dataset, model, selector); error bars: the spread over seeds."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    multi = len({r["dataset"] for r in records}) > 1
-    for (dataset, selector), runs in _by(records, "dataset", "selector").items():
+    for name, runs in _series(records, "selector").items():
         points = _by(runs, "budget")
         budgets = [b for (b,) in points]
         accs = [[r["robust_acc"] for r in rs] for rs in points.values()]
         ax.errorbar(budgets, [mean(a) for a in accs], yerr=[pstdev(a) for a in accs], marker="o", capsize=3,
-                    label=f"{dataset} {selector}" if multi else selector)
+                    label=legend_label(name, runs))
     ax.set_xlabel("budget (fraction of the pool selected)")
     ax.set_ylabel("robust accuracy (PGD)")
     ax.set_title(f"Robust accuracy against budget ({_datasets_title(records)}; mean ± sd over seeds)", fontsize=10)
@@ -53,8 +65,9 @@ def plot_budget(records: list[dict[str, Any]], path: Path) -> Path:
 def plot_runtime(records: list[dict[str, Any]], path: Path) -> Path:
     """Robust accuracy against the total compute of a run's stages (cached stages count at their original cost)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for (selector,), runs in _by(records, "selector").items():
-        ax.scatter([r["total_seconds"] for r in runs], [r["robust_acc"] for r in runs], label=selector, alpha=0.8)
+    for name, runs in _series(records, "selector").items():
+        ax.scatter([r["total_seconds"] for r in runs], [r["robust_acc"] for r in runs],
+                   label=legend_label(name, runs), alpha=0.8)
         for r in runs:
             ax.annotate(f"{r['budget']:g}", (r["total_seconds"], r["robust_acc"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
@@ -77,9 +90,9 @@ def projection_run(records: list[dict[str, Any]]) -> dict[str, Any]:
 def plot_projection(record: dict[str, Any], path: Path, seed: int = 0) -> Path:
     """The pool's features on their first two principal components, with the run's boundary and random picks."""
     stage_dirs = {k: Path(v) for k, v in record["stage_dirs"].items()}
-    features = np.load(stage_dirs["embed"] / "features.npy", mmap_mode="r")
-    selection = np.load(stage_dirs["select"] / "selection.npy")
-    is_boundary = np.load(stage_dirs["select"] / "is_boundary.npy")
+    features = Embedding.load(stage_dirs["embed"]).features
+    chosen = SelectionFiles.load(stage_dirs["select"])
+    selection, is_boundary = chosen.indices, chosen.is_boundary
     coords = fit_pca(features, 2).transform(features)
     rest = np.setdiff1d(np.arange(len(features)), selection)
     if len(rest) > MAX_BACKGROUND:

@@ -1,4 +1,5 @@
-"""Collect results.json files and summarise them per (dataset, selector, budget), seeds as mean and spread."""
+"""Collect results.json files and summarise them per (dataset, model, selector, budget), seeds as mean and spread;
+AutoAttack when it ran and whether the evaluation passed its sanity checks."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import Any
 
+from ssat.pipeline.summary import RESULTS
 from ssat.errors import DataError
 
-COLUMNS = ("dataset", "selector", "budget", "seeds", "n_selected", "pseudo_label_acc", "clean_acc", "robust_acc",
-           "total_seconds")
+COLUMNS = ("dataset", "model", "selector", "budget", "seeds", "n_selected", "pseudo_label_acc", "clean_acc",
+           "robust_acc", "autoattack_acc", "sanity", "total_seconds")
 
 
 def collect_results(paths: list[Path]) -> list[dict[str, Any]]:
@@ -22,7 +24,7 @@ def collect_results(paths: list[Path]) -> list[dict[str, Any]]:
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path} does not exist")
-        files = [path] if path.is_file() else sorted(path.rglob("results.json"))
+        files = [path] if path.is_file() else sorted(path.rglob(RESULTS))
         for file in files:
             record = json.loads(file.read_text())
             record["run_dir"] = str(file.parent)
@@ -38,15 +40,38 @@ def _spread(values: list[float], digits: int = 4) -> str:
     return f"{mean(values):.{digits}f} ± {pstdev(values):.{digits}f}"
 
 
+def sanity_failures(runs: list[dict[str, Any]]) -> list[str]:
+    """The sanity checks the runs failed ("seed 1: eps0_matches_clean" when several seeds are grouped)."""
+    several = len(runs) > 1
+    failed = []
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        names = r.get("sanity", {}).get("failed", [])
+        if names:
+            failed.append(f"seed {r['seed']}: {', '.join(names)}" if several else ", ".join(names))
+    return failed
+
+
+def sanity_cell(runs: list[dict[str, Any]]) -> str:
+    """ok, FAILED: the checks, or n/a for records written before the checks existed."""
+    if not all("sanity" in r for r in runs):
+        return "n/a"
+    failed = sanity_failures(runs)
+    return f"FAILED: {'; '.join(failed)}" if failed else "ok"
+
+
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row per (dataset, selector, budget); accuracies as mean ± standard deviation over seeds."""
+    """One row per (dataset, model, selector, budget); accuracies as mean ± standard deviation over seeds;
+    autoattack_acc empty when AutoAttack did not run."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["selector"], r["budget"])].append(r)
+        groups[(r["dataset"], r.get("model", ""), r["selector"], r["budget"])].append(r)
     rows = []
-    for (dataset, selector, budget), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+    for (dataset, model, selector, budget), runs in sorted(groups.items(),
+                                                           key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2])):
+        autoattack = [r["autoattack_acc"] for r in runs if r.get("autoattack_acc") is not None]
         rows.append({
             "dataset": dataset,
+            "model": model,
             "selector": selector,
             "budget": f"{budget:g}",
             "seeds": ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
@@ -55,6 +80,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, str]]:
                                         or [float("nan")]),
             "clean_acc": _spread([r["clean_acc"] for r in runs]),
             "robust_acc": _spread([r["robust_acc"] for r in runs]),
+            "autoattack_acc": _spread(autoattack) if autoattack else "",
+            "sanity": sanity_cell(runs),
             "total_seconds": _spread([r["total_seconds"] for r in runs], digits=1),
         })
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,12 +23,22 @@ from ssat.errors import ConfigError
 from ssat.selection.base import PoolEmbedding, Selection, Selector, class_shares
 
 
+# How the gradients of a loss that reads several logit vectors (TRADES: clean and adversarial) are combined:
+# "sum" adds them, the gradient with respect to the last layer's bias (and weights) that both forward passes share,
+# as ACS does; "concat" keeps one block per logit vector (ssat's earlier variant: it tells apart points whose clean
+# and adversarial gradients cancel in the sum).
+COMBINE = ("sum", "concat")
+
+
 def last_layer_gradients(model: nn.Module, loss, batches: Iterable, device: torch.device | str = "cpu",
-                         fc_weights: bool = False) -> np.ndarray:
+                         fc_weights: bool = False, combine: str = "sum") -> np.ndarray:
     """Per-point gradients (N, d) of ``loss.sample_losses`` at ``loss.attack``'s adversarial examples with respect
     to every logit vector the loss reads (TRADES: clean and adversarial, PGD-AT: adversarial), and with
-    ``fc_weights`` also to the last layer's weights (outer products with the features). ``batches`` yields
-    (uint8 images, labels) a batch at a time; the model is in eval mode."""
+    ``fc_weights`` also to the last layer's weights (outer products with the features), combined over the logit
+    vectors as ``combine`` says. ``batches`` yields (uint8 images, labels) a batch at a time; the model is in eval
+    mode."""
+    if combine not in COMBINE:
+        raise ConfigError(f"selector.gradient={combine!r} is not one of {', '.join(COMBINE)}")
     rows = []
     with eval_mode(model), torch.enable_grad():
         for images, labels in batches:
@@ -44,45 +55,61 @@ def last_layer_gradients(model: nn.Module, loss, batches: Iterable, device: torc
             parts = []
             for (features, out), grad in zip(seen, grads):
                 grad = torch.zeros_like(out) if grad is None else grad
-                parts.append(grad)
                 if fc_weights:
-                    parts.append(torch.einsum("bk,bd->bkd", grad, features.detach()).flatten(1))
-            rows.append(torch.cat(parts, dim=1).float().cpu().numpy())
+                    grad = torch.cat([grad, torch.einsum("bk,bd->bkd", grad, features.detach()).flatten(1)], dim=1)
+                parts.append(grad)
+            combined = torch.stack(parts).sum(0) if combine == "sum" else torch.cat(parts, dim=1)
+            rows.append(combined.float().cpu().numpy())
     return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
+# CRAIG's distance between gradients: "squared" Euclidean as ACS's code computes it (its CRAIGStrategy.distance),
+# or "euclidean", the norm |g_i - g_j| of the CRAIG paper's bound (Mirzasoleiman et al. 2020).
+DISTANCES = ("squared", "euclidean")
+
+
 class Craig:
-    """CRAIG: greedy facility location on gradient distances, maximising sum_i max_{j in S} (C - |g_i - g_j|);
-    a centre's weight is the number of candidates nearest to it, so the weights sum to the candidate count.
+    """CRAIG: greedy facility location on gradient distances, maximising sum_i max_{j in S} (C - d(g_i, g_j)) with
+    C above every distance; a centre's weight is the number of candidates nearest to it, so the weights sum to the
+    candidate count.
 
     Stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates a random sample of
     (N / k) log(1 / epsilon) candidates against every point, in blocks of ``block`` rows, so a step costs
-    O(N log(1/epsilon) d / k) time and O(block N) memory, never N x N.
+    O(N log(1/epsilon) d / k) time and O(block N) memory, never N x N. ``epsilon=None`` evaluates every remaining
+    candidate: the exact greedy that ACS runs (apricot's lazy greedy gives the same set).
     """
 
-    def __init__(self, epsilon: float = 0.01, block: int = 1024):
-        if not 0 < epsilon < 1:
-            raise ConfigError(f"selector.algorithm.epsilon={epsilon} is outside (0, 1)")
-        self.epsilon, self.block = epsilon, block
+    def __init__(self, epsilon: float | None = 0.01, distance: str = "squared", block: int = 1024):
+        if epsilon is not None and not 0 < epsilon < 1:
+            raise ConfigError(f"selector.algorithm.epsilon={epsilon} is outside (0, 1) (null: exact greedy)")
+        if distance not in DISTANCES:
+            raise ConfigError(f"selector.algorithm.distance={distance!r} is not one of {', '.join(DISTANCES)}")
+        self.epsilon, self.distance, self.block = epsilon, distance, block
+
+    def distances(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = torch.cdist(a, b)
+        return d * d if self.distance == "squared" else d
 
     def __call__(self, grads: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         g = torch.from_numpy(np.ascontiguousarray(grads, dtype=np.float32))
         n = len(g)
         k = min(k, n)
-        scale = float(torch.cdist(g, g.mean(0, keepdim=True)).max()) * 2 + 1e-12  # C: above every distance
+        radius = float(torch.cdist(g, g.mean(0, keepdim=True)).max())
+        # C: above every distance (|g_i - g_j| <= 2 r); the greedy's choices do not depend on C beyond that
+        scale = (4 * radius ** 2 if self.distance == "squared" else 2 * radius) + 1e-12
         best = torch.zeros(n)  # similarity of each point to its nearest chosen centre (0: none yet)
         chosen: list[int] = []
         available = np.ones(n, dtype=bool)
-        sample = min(n, max(1, math.ceil(n / k * math.log(1 / self.epsilon))))
+        sample = n if self.epsilon is None else min(n, max(1, math.ceil(n / k * math.log(1 / self.epsilon))))
         for _ in range(k):
             pool = np.flatnonzero(available)
             trial = rng.choice(pool, size=min(sample, len(pool)), replace=False)
-            gains = torch.cat([(scale - torch.cdist(g[trial[s:s + self.block]], g) - best).clamp_min(0).sum(1)
+            gains = torch.cat([(scale - self.distances(g[trial[s:s + self.block]], g) - best).clamp_min(0).sum(1)
                                for s in range(0, len(trial), self.block)])
             j = int(trial[int(torch.argmax(gains))])
             chosen.append(j)
             available[j] = False
-            best = torch.maximum(best, scale - torch.cdist(g[j:j + 1], g)[0])
+            best = torch.maximum(best, scale - self.distances(g[j:j + 1], g)[0])
         indices = np.asarray(chosen, dtype=np.int64)
         return indices, self.weights(g, indices)
 
@@ -94,48 +121,83 @@ class Craig:
 
 
 class GradMatch:
-    """GradMatch: non-negative orthogonal matching pursuit of the full gradient sum b = sum_i g_i, each step adding
-    the candidate most correlated with the residual and refitting min |A w - b|^2 + lam |w|^2, w >= 0.
+    """GradMatch: orthogonal matching pursuit of the full gradient sum b = sum_i g_i with non-negative weights, as
+    GRAD-MATCH's OrthogonalMP_REG (which ACS calls): each step adds the candidate most correlated with the
+    residual (stopping when that one is already chosen or the residual is below ``tol`` |b|) and refits the
+    weights of the chosen set A by non-negative least squares on the regularised normal equations,
+    min_{w >= 0} |(A A^T + lam I) w - A b|.
 
-    When the residual has no positive correlation left before k points are chosen, the rest are drawn at random
-    with weight 1, as GRAD-MATCH's reference code does.
+    Points whose weight came out 0 are dropped, and the coreset is topped up to k points drawn at random with
+    weight 1, as ACS does. ``lam`` 0 is ACS's (its configs, and its CPU path fixes it); lam > 0 shrinks the weights.
     """
 
-    def __init__(self, lam: float = 0.5, tol: float = 1e-6):
+    def __init__(self, lam: float = 0.0, tol: float = 1e-6):
         if lam < 0:
             raise ConfigError(f"selector.algorithm.lam={lam} must not be negative")
         self.lam, self.tol = lam, tol
 
     def __call__(self, grads: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         g = np.asarray(grads, dtype=np.float64)
-        n, d = g.shape
-        k = min(k, n)
+        k = min(k, len(g))
         target = g.sum(0)
         residual = target.copy()
         chosen: list[int] = []
         weights = np.zeros(0)
-        available = np.ones(n, dtype=bool)
-        while len(chosen) < k:
-            correlation = np.where(available, g @ residual, -np.inf)
-            j = int(np.argmax(correlation))
-            if correlation[j] <= self.tol * max(1.0, np.linalg.norm(residual)):
+        while len(chosen) < k and np.linalg.norm(residual) > self.tol * np.linalg.norm(target):
+            j = int(np.argmax(g @ residual))
+            if j in chosen:
                 break
             chosen.append(j)
-            available[j] = False
-            a = g[chosen].T
-            if self.lam > 0:
-                a = np.vstack([a, math.sqrt(self.lam) * np.eye(len(chosen))])
-            weights, _ = nnls(a, np.concatenate([target, np.zeros(len(a) - d)]))
-            residual = target - g[chosen].T @ weights
-        fill = rng.choice(np.flatnonzero(available), size=k - len(chosen), replace=False)
-        indices = np.concatenate([np.asarray(chosen, dtype=np.int64), fill.astype(np.int64)])
+            a = g[chosen]
+            weights, _ = nnls(a @ a.T + self.lam * np.eye(len(chosen)), a @ target)
+            residual = target - a.T @ weights
+        kept = np.asarray(chosen, dtype=np.int64)[weights > 0]
+        weights = weights[weights > 0]
+        rest = np.setdiff1d(np.arange(len(g)), kept)
+        fill = rng.choice(rest, size=k - len(kept), replace=False)
+        indices = np.concatenate([kept, fill.astype(np.int64)])
         return indices, np.concatenate([weights, np.ones(len(fill))]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CoresetSchedule:
+    """ACS's epochs (its robust_train scripts): the first ``warm`` = round(c floor(kappa E)) epochs train on every
+    candidate, the schedule then skips to epoch ``start`` = floor(kappa E), and every later epoch trains on the
+    coreset, a share c of the batches of a full epoch. The learning-rate schedule counts the skipped epochs, the
+    trainer does not run them: it trains ``warm + epochs - start`` epochs."""
+
+    epochs: int
+    warm: int
+    start: int
+    full_batches: int
+    coreset_batches: int
+
+    @property
+    def skipped(self) -> int:
+        return self.start - self.warm
+
+    @property
+    def trained_epochs(self) -> int:
+        return self.warm + self.epochs - self.start
+
+    def schedule_epoch(self, trained_epoch: int) -> int:
+        """The learning-rate schedule's epoch of the trainer's ``trained_epoch``."""
+        return trained_epoch if trained_epoch < self.warm else trained_epoch + self.skipped
+
+    def batches(self, trained_epoch: int) -> int:
+        return self.full_batches if trained_epoch < self.warm else self.coreset_batches
+
+    def summary(self) -> dict:
+        return {"warm_start_epochs": self.warm, "skipped_epochs": self.skipped, "first_coreset_epoch": self.start,
+                "trained_epochs": self.trained_epochs, "batches_per_full_epoch": self.full_batches,
+                "batches_per_coreset_epoch": self.coreset_batches}
 
 
 class CoresetSelector(Selector):
     """An adaptive selector: ``select`` hands every candidate to the SSAT stage, which trains on a weighted
     coreset of ``num_selected`` of them, chosen by ``algorithm`` (Craig or GradMatch) from the current model's
-    adversarial gradients and re-chosen every ``select_every`` epochs after a warm start of kappa * epochs.
+    adversarial gradients (combined over the logit vectors as ``gradient`` says) on ACS's schedule
+    (``schedule``): re-chosen every ``select_every`` epochs from epoch floor(kappa E) on.
 
     ``per_batch``: the per-batch variant (mini-batches of that many candidates are the units chosen, each by its
     summed gradient); ``per_class``: the coreset keeps each (pseudo-)class's share, as in ACS.
@@ -145,7 +207,7 @@ class CoresetSelector(Selector):
 
     def __init__(self, name: str, algorithm: Craig | GradMatch, select_every: int = 20, kappa: float = 0.6,
                  per_batch: int | None = None, per_class: bool = True, fc_weights: bool = False,
-                 batch_size: int = 256):
+                 batch_size: int = 256, gradient: str = "sum"):
         super().__init__(name, boundary_fraction=0.0)
         if select_every < 1:
             raise ConfigError(f"selector.select_every={select_every} must be at least 1 (epochs between selections)")
@@ -153,20 +215,29 @@ class CoresetSelector(Selector):
             raise ConfigError(f"selector.kappa={kappa} is outside [0, 1] (the warm-start share of the epochs)")
         if per_batch is not None and per_batch < 1:
             raise ConfigError(f"selector.per_batch={per_batch} must be at least 1 (null: single points)")
+        if gradient not in COMBINE:
+            raise ConfigError(f"selector.gradient={gradient!r} is not one of {', '.join(COMBINE)}")
         self.algorithm, self.select_every, self.kappa = algorithm, select_every, kappa
         self.per_batch, self.per_class, self.fc_weights, self.batch_size = per_batch, per_class, fc_weights, batch_size
+        self.gradient = gradient
 
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
         n = len(pool)
         return Selection(np.arange(n, dtype=np.int64), np.full(n, np.nan), np.ones(n, dtype=np.float32),
                          np.zeros(n, dtype=bool))
 
-    def warm_epochs(self, epochs: int) -> int:
-        return round(self.kappa * epochs)
+    def schedule(self, epochs: int, fraction: float, full_batches: int) -> CoresetSchedule:
+        """ACS's schedule for ``epochs`` epochs of ``full_batches`` batches, the coreset a ``fraction`` c of the
+        candidates: whatever an epoch is (one pass or a fixed number of batches), a coreset epoch has
+        max(1, round(c full_batches)) batches."""
+        start = math.floor(self.kappa * epochs + 1e-9)  # ACS: int(kappa * num_epochs)
+        return CoresetSchedule(epochs, round(fraction * start), start, full_batches,
+                               max(1, round(fraction * full_batches)))
 
-    def selects_at(self, epoch: int, epochs: int) -> bool:
-        warm = self.warm_epochs(epochs)
-        return epoch >= warm and (epoch - warm) % self.select_every == 0
+    def selects_at(self, epoch: int, start: int) -> bool:
+        """Whether the coreset is (re)chosen at the schedule's ``epoch``: at ``start`` and every select_every
+        epochs after it."""
+        return epoch >= start and (epoch - start) % self.select_every == 0
 
     def choose(self, grads: np.ndarray, classes: np.ndarray, size: int,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,10 @@ def _data(ctx: StageContext, out: Path | None):
     return data, data.fingerprint()
 
 
-DATA = Stage("data", _data, reads=("dataset", "pool", "val_size"), cached=False, code=("ssat.data",))
+# pool.labels (npz pools: train on the files' labels or the intermediate model's) is checked by the pool's loader
+# and changes no image: it is the pseudo_label stage's setting.
+DATA = Stage("data", _data, reads=("dataset", "pool", "val_size"), cached=False, code=("ssat.data",),
+             unkeyed=("pool.labels",))
 
 
 def _data_pool(ctx: StageContext, out: Path | None):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ssat import distributed
 from ssat.attacks import eval_mode
+from ssat.artifacts import Embedding, ModelWeights
 from ssat.cache import write_json_atomic
 from ssat.config import build
 from ssat.errors import ConfigError
@@ -28,9 +29,8 @@ from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
 from ssat.selection import PoolEmbedding
 from ssat.selection.target import selection_target
-from ssat.stages.training import load_weights
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = Embedding.DTYPES
 PROGRESS = "progress.json"
 
 
@@ -41,10 +41,11 @@ def _open_outputs(out_dir: Path, n: int, dim: int, classes: int, dtype: str):
     if progress_file.exists():
         progress = json.loads(progress_file.read_text())
         if {k: progress.get(k) for k in layout} == layout:
-            return (np.load(out_dir / "features.npy", mmap_mode="r+"), np.load(out_dir / "logits.npy", mmap_mode="r+"),
+            return (*(np.load(path, mmap_mode="r+") for path in Embedding.paths(out_dir)),
                     progress["done"], layout)
-    features = open_memmap(out_dir / "features.npy", mode="w+", dtype=DTYPES[dtype], shape=(n, dim))
-    logits = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32, shape=(n, classes))
+    features_path, logits_path = Embedding.paths(out_dir)
+    features = open_memmap(features_path, mode="w+", dtype=DTYPES[dtype], shape=(n, dim))
+    logits = open_memmap(logits_path, mode="w+", dtype=np.float32, shape=(n, classes))
     write_json_atomic(progress_file, {**layout, "done": 0})
     return features, logits, 0, layout
 
@@ -84,11 +85,12 @@ def embed_pool(model: nn.Module, images, out_dir: Path, batch_size: int, device:
 
 def _assemble(shards: list[Path], out_dir: Path, n: int, dtype: str, chunk: int = 65536) -> None:
     """Rank 0 copies the ranks' shards, in order, into the stage's two memory maps, then drops the shards."""
-    parts = [load_embedding(shard) for shard in shards]
+    parts = [Embedding.load(shard) for shard in shards]
     layout = {"rows": n, "feature_dim": parts[0].features.shape[1], "classes": parts[0].logits.shape[1],
               "dtype": dtype}
-    features = open_memmap(out_dir / "features.npy", mode="w+", dtype=DTYPES[dtype], shape=(n, layout["feature_dim"]))
-    logits = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32, shape=(n, layout["classes"]))
+    features_path, logits_path = Embedding.paths(out_dir)
+    features = open_memmap(features_path, mode="w+", dtype=DTYPES[dtype], shape=(n, layout["feature_dim"]))
+    logits = open_memmap(logits_path, mode="w+", dtype=np.float32, shape=(n, layout["classes"]))
     row = 0
     for part in parts:
         for start in range(0, len(part.features), chunk):
@@ -130,15 +132,9 @@ def _embed_rows(model: nn.Module, images, out_dir: Path, batch_size: int, device
     return {"num_points": n, "feature_dim": int(model.feature_dim), "resumed_at": int(done)}
 
 
-def load_embedding(stage_dir: Path):
-    """The pool embedding written by embed_pool, memory-mapped read-only."""
-    return PoolEmbedding(np.load(stage_dir / "features.npy", mmap_mode="r"),
-                         np.load(stage_dir / "logits.npy", mmap_mode="r"))
-
-
 def selection_model(ctx: StageContext) -> nn.Module:
     """The intermediate model with its best weights (built from ``model``, which the intermediate stage reads)."""
-    return load_weights(build(ctx.cfg.model), ctx.path("intermediate") / "model.pt")
+    return ModelWeights.load_into(build(ctx.cfg.model), ctx.path("intermediate"))
 
 
 def _run(ctx: StageContext, out: Path) -> dict[str, Any]:

@@ -24,13 +24,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssat.artifacts import ModelWeights
 from ssat.attacks import AutoAttack, eval_mode, pgd_attack, project_linf
 from ssat.cache import save_npy_atomic
 from ssat.config import build
 from ssat.data.splits import take_test_subset
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
-from ssat.stages.training import load_weights
 
 log = logging.getLogger("ssat")
 
@@ -173,7 +173,7 @@ def sanity_checks(flags: ResumableFlags, clean: np.ndarray, robust: np.ndarray, 
 def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
     data = take_test_subset(ctx.value("data"), ctx.cfg.test_size)
     L.seed_everything(ctx.cfg.seed, verbose=False)
-    model = load_weights(build(ctx.cfg.model), ctx.path("ssat") / "model.pt")
+    model = ModelWeights.load_into(build(ctx.cfg.model), ctx.path("ssat"))
     ev = OmegaConf.to_container(ctx.cfg.eval, resolve=True)
     return evaluate(model, data.test_images, data.test_labels, out, ev["batch_size"], ev["pgd"], ev["autoattack"],
                     ev["sanity"], ctx.device, ev["chunk_size"], ctx.cfg.seed)

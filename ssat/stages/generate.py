@@ -22,21 +22,22 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ssat import distributed
+from ssat.artifacts import GeneratedImages
 from ssat.attacks import eval_mode
 from ssat.config import build
 from ssat.data.pools import MemmapImages
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError, DataError
 from ssat.generation.guidance import GuidanceLoss
-from ssat.generation.sampling import IMAGES, generate_pool
+from ssat.generation.sampling import generate_pool
 from ssat.generation.unet import build_unet, check_lambda, check_pretrained, load_ddpm, new_scheduler, save_ddpm
 from ssat.lightning.ddpm import DDPMModule, to_unit_range
+from ssat.lightning.seeding import EpochSeed, loader_generator
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
 from ssat.stages.embed import selection_model
 from ssat.stages.training import TrainerFactory
 
-UNET_DIR = "unet"
 PROBE_SIZE = 64
 
 
@@ -57,24 +58,24 @@ def generated_pool_sizes(num_images: int | None, plain_fraction: float, budget: 
 
 
 def training_loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches of the images; under DDP each rank gets its own share (Lightning sets the epoch)."""
+    """Shuffled batches of the images, the order a function of (seed, epoch) alone (Lightning sets the epoch), so
+    that a resumed run sees the same order; under DDP each rank gets its own share."""
     if len(images) == 0:
         raise DataError("DDPM training needs labeled images, and the labeled set is empty")
     dataset = TensorDataset(torch.from_numpy(np.ascontiguousarray(images)))
-    if distributed.world_size() > 1:
-        sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=loader_generator())
 
 
 def _fit(module: DDPMModule, loader: DataLoader, out_dir: Path, make_trainer: TrainerFactory, stage: str,
-         epochs: int) -> L.Trainer:
-    """Train with checkpoints/last.ckpt, resuming from it when an earlier attempt left one."""
+         epochs: int, seed: int) -> L.Trainer:
+    """Train with checkpoints/last.ckpt (written at the end of every epoch), resuming from it when an earlier
+    attempt left one; EpochSeed makes the timesteps and noise of an epoch, and so the resumed weights, exact."""
     if epochs < 1:
         raise ConfigError(f"generation.{stage.removeprefix('ddpm_')}.epochs={epochs} must be at least 1")
     ckpt_dir = out_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
-    trainer = make_trainer(stage, out_dir, epochs, [checkpoint], len(loader))
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
+    trainer = make_trainer(stage, out_dir, epochs, [EpochSeed(seed), checkpoint], len(loader))
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, loader, ckpt_path=last if last.exists() else None)
     return trainer
@@ -91,9 +92,9 @@ def ddpm_pretrain(images: np.ndarray, out_dir: Path, make_trainer: TrainerFactor
     unet = build_unet(height, channels, unet_config)
     module = DDPMModule(unet, new_scheduler(), lr=lr)
     loader = training_loader(images, batch_size, seed)
-    trainer = _fit(module, loader, Path(out_dir), make_trainer, "ddpm_pretrain", epochs)
+    trainer = _fit(module, loader, Path(out_dir), make_trainer, "ddpm_pretrain", epochs, seed)
     if trainer.is_global_zero:
-        save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
+        save_ddpm(module.unet, module.noise_scheduler, GeneratedImages.unet_dir(out_dir))
     return {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
             "parameters": sum(p.numel() for p in unet.parameters()), "num_images": len(images)}
 
@@ -143,10 +144,10 @@ def ddpm_finetune(data: SemiSupervisedData, classifier: nn.Module, unet_dir_or_i
     probe_eps = torch.randn(probe_x0.shape, generator=torch.Generator().manual_seed(seed))
     before = _probe(module, probe_x0, probe_t, probe_eps, device)
     trainer = _fit(module, training_loader(data.labeled_images, batch_size, seed), Path(out_dir), make_trainer,
-                   "ddpm_finetune", epochs)
+                   "ddpm_finetune", epochs, seed)
     after = _probe(module, probe_x0, probe_t, probe_eps, device)
     if trainer.is_global_zero:
-        save_ddpm(module.unet, module.noise_scheduler, Path(out_dir) / UNET_DIR)
+        save_ddpm(module.unet, module.noise_scheduler, GeneratedImages.unet_dir(out_dir))
     return {"guidance": guidance.name, "lam": float(lam), "bank_size": len(bank), "epochs": int(trainer.current_epoch),
             "steps": int(trainer.global_step), **{f"probe_{k}_before": v for k, v in before.items()},
             **{f"probe_{k}_after": v for k, v in after.items()}}
@@ -196,7 +197,7 @@ DDPM_PRETRAIN = Stage(
 def _source(ctx: StageContext, out: Path | None):
     """The DDPM to fine-tune and to draw plain samples from: the pretrained one's folder, or a hub id / local dir."""
     if "ddpm_pretrain" in ctx.inputs:
-        return str(ctx.path("ddpm_pretrain") / UNET_DIR), None
+        return str(GeneratedImages.unet_dir(ctx.path("ddpm_pretrain"))), None
     return ctx.cfg.generation.pretrained, None
 
 
@@ -228,7 +229,7 @@ def _sizes(ctx: StageContext) -> tuple[int, int]:
 
 def _sample(ctx: StageContext, out: Path) -> dict[str, Any]:
     sampler = ctx.cfg.generation.sampler
-    return sample(str(ctx.path("ddpm_finetune") / UNET_DIR), out, _sizes(ctx)[0], sampler.batch_size, ctx.cfg.seed,
+    return sample(str(GeneratedImages.unet_dir(ctx.path("ddpm_finetune"))), out, _sizes(ctx)[0], sampler.batch_size, ctx.cfg.seed,
                   sampler.scheduler, sampler.num_inference_steps, ctx.device)
 
 
@@ -248,7 +249,7 @@ SAMPLE_PLAIN = Stage("sample_plain", _sample_plain, needs=("ddpm_source",), ever
 
 
 def _generated_pool(ctx: StageContext, out: Path | None):
-    parts = [ctx.path(name) / IMAGES for name in ("sample", "sample_plain") if name in ctx.inputs]
+    parts = [GeneratedImages.path(ctx.path(name)) for name in ("sample", "sample_plain") if name in ctx.inputs]
     return replace(ctx.value("data"), pool_images=MemmapImages(parts), pool_hidden_labels=None), None
 
 

@@ -8,24 +8,21 @@ from typing import Any
 
 import numpy as np
 
+from ssat.artifacts import Embedding, SelectionFiles
 from ssat.config import build
 from ssat.errors import check_finite
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
 from ssat.selection import PoolEmbedding, Selector
 from ssat.selection.target import selection_target
-from ssat.stages.embed import load_embedding
 
 
 def select_pool(selector: Selector, pool: PoolEmbedding, budget: float, seed: int, out_dir: Path) -> dict[str, Any]:
-    """Writes selection.npy (pool indices, boundary part first), scores.npy, weights.npy, is_boundary.npy."""
+    """Writes the selection (SelectionFiles: pool indices, boundary part first, scores, weights, boundary flags)."""
     check_finite(pool.features, "the pool's features")
     check_finite(pool.logits, "the pool's logits")
     selection = selector.select(pool, budget, seed)
-    np.save(out_dir / "selection.npy", selection.indices)
-    np.save(out_dir / "scores.npy", selection.scores)
-    np.save(out_dir / "weights.npy", selection.weights)
-    np.save(out_dir / "is_boundary.npy", selection.is_boundary)
+    SelectionFiles.save(out_dir, selection)
     # What training uses: the selection, or the coreset an adaptive selector draws from it during training.
     used = min(len(selection.indices), selector.num_selected(budget, len(pool)))
     return {
@@ -43,7 +40,7 @@ def _candidates(ctx: StageContext):
 
 def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
     target, data = _candidates(ctx)
-    embedding = replace(load_embedding(ctx.path("embed")), images=target.candidates(data),
+    embedding = replace(Embedding.load(ctx.path("embed")), images=target.candidates(data),
                         labels=target.known_labels(data))
     return select_pool(build(ctx.cfg.selector), embedding, ctx.cfg.budget, ctx.cfg.seed, out)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +10,7 @@ import numpy as np
 from torch import nn
 
 from ssat import distributed
+from ssat.artifacts import PseudoLabels, SelectionFiles
 from ssat.attacks.losses import WeightedLoss
 from ssat.config import build
 from ssat.data.sampler import SSATBatchSampler
@@ -34,28 +34,29 @@ def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray
     """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy, EMA weights if ema).
 
     With a ``coreset`` selector the selection is its candidates: training draws from a weighted coreset of
-    ``coreset_size`` of them (an epoch is then as long as labeled + coreset), re-chosen during training."""
+    ``coreset_size`` of them, re-chosen during training, on ACS's schedule of epochs (``CoresetSchedule``: a warm
+    start on every candidate, skipped epochs, coreset epochs a share c = coreset_size / candidates of the batches
+    of a full epoch, whether an epoch is ``batches_per_epoch`` batches or one pass)."""
     train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels, data.pool_images, selection,
                                    pseudo_labels)
-    if coreset is not None and batches_per_epoch is None:  # one pass over the coreset and the rest
-        candidates = len(selection) or train_set.num_labeled
-        batches_per_epoch = math.ceil((len(train_set) - candidates + coreset_size) / batch_size)
     sampler = SSATBatchSampler(train_set.num_labeled, len(selection), batch_size, unsup_fraction,
                                batches_per_epoch, seed=seed, rank=rank, world_size=world_size)
     if coreset is None:
         return fit(model, train_loss, train_set, sampler, data.val_images, data.val_labels, out_dir, make_trainer,
                    "ssat", epochs, optim, augment, eval_batch_size, val_pgd, loader, ema, patience)
-    reselection = CoresetReselection(coreset, train_set, sampler, train_loss, coreset_size, epochs, seed, out_dir)
+    candidates = len(selection) or train_set.num_labeled
+    schedule = coreset.schedule(epochs, coreset_size / candidates, len(sampler))
+    reselection = CoresetReselection(coreset, train_set, sampler, train_loss, coreset_size, schedule, seed, out_dir)
     info = fit(model, WeightedLoss(train_loss), train_set, sampler, data.val_images, data.val_labels, out_dir,
                make_trainer, "ssat", epochs, optim, augment, eval_batch_size, val_pgd, loader, ema, patience,
-               callbacks=(reselection,))
+               callbacks=(reselection,), trained_epochs=schedule.trained_epochs)
     return {**info, **reselection.summary()}
 
 
 def _training_data(ctx: StageContext):
     target, data = selection_target(ctx.cfg.selection.target), ctx.value("pool")
-    return target.training_data(data, np.load(ctx.path("select") / "selection.npy"),
-                                np.load(ctx.path("pseudo_label") / "pseudo_labels.npy"))
+    return target.training_data(data, SelectionFiles.indices(ctx.path("select")),
+                                PseudoLabels.load(ctx.path("pseudo_label")))
 
 
 def _run(ctx: StageContext, out: Path) -> dict[str, Any]:

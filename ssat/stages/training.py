@@ -12,10 +12,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssat.artifacts import ModelWeights
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.training_set import LabeledAndSelected, batch_as_is
 from ssat.errors import TrainingDiverged
 from ssat.lightning import EMA, RobustClassifierModule
+from ssat.lightning.seeding import EpochSeed, loader_generator
 
 # make_trainer(stage, out_dir, max_epochs, callbacks, batches_per_epoch) -> lightning.Trainer
 TrainerFactory = Callable[..., L.Trainer]
@@ -26,49 +28,50 @@ def eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model
-
-
 def train_loader(train_set: LabeledAndSelected, sampler: SSATBatchSampler, num_workers: int = 0,
                  pin_memory: bool = True) -> DataLoader:
     """uint8 batches read whole (one __getitems__ per batch) by ``num_workers`` processes ahead of the model;
-    pinned when a GPU is present so that the copy to it overlaps compute."""
+    pinned when a GPU is present so that the copy to it overlaps compute. The workers draw nothing random."""
     return DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None)
+                      prefetch_factor=4 if num_workers > 0 else None, generator=loader_generator())
 
 
 def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
         sampler: SSATBatchSampler, val_images: np.ndarray, val_labels: np.ndarray, out_dir: Path,
         make_trainer: TrainerFactory, stage: str, epochs: int, optim: dict[str, Any], augment: dict[str, Any],
         eval_batch_size: int, val_pgd: dict[str, Any] | None, loader: dict[str, Any] | None = None,
-        ema: dict[str, Any] | None = None, patience: int | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+        ema: dict[str, Any] | None = None, patience: int | None = None, callbacks: tuple = (),
+        trained_epochs: int | None = None) -> dict[str, Any]:
     """Train, keep best.ckpt (by validation robust accuracy if val_pgd, else clean) and last.ckpt,
     resume from last.ckpt when an earlier attempt left one, and save the best weights as model.pt.
 
     last.ckpt is written at the end of every epoch (whole or not at all: AtomicCheckpointIO), so a run
     killed at any moment resumes from its last finished epoch with the model, optimizer, scheduler, callback
-    states (EMA, coreset) and epoch counter; the batch sampler's draw depends only on (seed, epoch), so it resumes
-    with them. With ``ema`` ({decay, warmup}) validation and model.pt use the averaged weights; with ``patience``
-    training stops once the monitored validation accuracy has not improved for that many epochs.
+    states (EMA, coreset, early stopping) and epoch counter; the batch sampler's draw depends only on (seed, epoch)
+    and EpochSeed reseeds the global RNGs from (seed, epoch) too, so on CPU the resumed run ends with the same
+    weights, bit for bit, as an uninterrupted one. With ``ema`` ({decay, warmup}) validation and model.pt use the
+    averaged weights; with ``patience`` training stops once the monitored validation accuracy has not improved for that many epochs.
+    ``trained_epochs``: how many epochs the trainer runs when the learning-rate schedule's ``epochs`` include some
+    that a callback skips (an ACS coreset's).
     """
+    trained_epochs = epochs if trained_epochs is None else trained_epochs
     module = RobustClassifierModule(model, train_loss, optim, epochs, augment, val_pgd)
     monitor = "val/robust_acc" if val_pgd else "val/acc"
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = ModelWeights.checkpoint_dir(out_dir)
+    # No version counter: a best.ckpt left by a killed attempt is overwritten, not joined by best-v1.ckpt.
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
-                                 auto_insert_metric_name=False)
+                                 auto_insert_metric_name=False, enable_version_counter=False)
     # Not save_last=True: Lightning then rewrites last.ckpt only in the epochs that improve best.ckpt.
     every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
-    callbacks = [checkpoint, every_epoch, *callbacks]
+    callbacks = [EpochSeed(sampler.seed), checkpoint, every_epoch, *callbacks]  # the sampler holds the stage seed
     if ema:
         callbacks.append(EMA(**ema))
     if patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience))
-    trainer = make_trainer(stage, out_dir, epochs, callbacks, len(sampler))
+    trainer = make_trainer(stage, out_dir, trained_epochs, callbacks, len(sampler))
     val_loader = eval_loader(val_images, val_labels, eval_batch_size)
-    last = ckpt_dir / "last.ckpt"
+    last = ckpt_dir / ModelWeights.LAST
     try:
         trainer.fit(module, train_loader(train_set, sampler, **(loader or {})), val_loader,
                     ckpt_path=last if last.exists() else None)
@@ -80,14 +83,14 @@ def fit(model: nn.Module, train_loss: Callable, train_set: LabeledAndSelected,
     best = torch.load(checkpoint.best_model_path or last, map_location="cpu", weights_only=False)
     weights = EMA.weights_in(best) if ema else best["state_dict"]
     state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    torch.save(state, out_dir / "model.pt")
+    ModelWeights.save(out_dir, state)
     score = checkpoint.best_model_score
     return {
         "epochs": int(trainer.current_epoch),
         "best_epoch": int(best["epoch"]),
         # Epochs trained until the best validation score: what "trained to convergence" costs.
         "epochs_to_convergence": int(best["epoch"]) + 1,
-        "early_stopped": int(trainer.current_epoch) < epochs,
+        "early_stopped": int(trainer.current_epoch) < trained_epochs,
         "ema": bool(ema),
         "monitor": monitor,
         "best_val": float(score) if score is not None else None,

@@ -47,16 +47,17 @@ class GMMSelector(Selector):
     loglik: lowest log-likelihood first (the release); loglik_high: highest first (the older code);
     posterior_gap: smallest gap between the two largest posteriors first (the analogue of the k-means margin).
 
-    A full-covariance mixture costs O(N K D^2) per EM iteration, so on a large pool the features are first
-    projected on their top ``pca_dim`` principal components and the mixture is fitted on at most
-    ``max_fit_points`` rows drawn at random; every row is then scored. pca_dim=None and max_fit_points=None fit
-    the raw features of every row, as the release does.
+    The defaults are the release's method (TrustMLRG/EfficientSSAT: scikit-learn's GaussianMixture, full
+    covariance, on the raw features of every row). A full-covariance mixture costs O(N K D^2) per EM iteration, so
+    two speed options deviate from it: ``pca_dim`` projects the features on their top principal components first
+    (which changes the scores: the dropped low-variance directions are those a full-covariance log-likelihood
+    weighs most) and ``max_fit_points`` fits on that many rows drawn at random; every row is then scored.
     """
 
     def __init__(self, name: str = "lcs_gmm", boundary_fraction: float = 0.4, n_components: int = 10,
                  covariance_type: str = "full", score: str = "loglik", max_iter: int = 100,
-                 reg_covar: float = 1e-6, tol: float = 1e-3, backend: str = "torch", pca_dim: int | None = 64,
-                 max_fit_points: int | None = 200_000, batch_size: int = 65536, device: str | None = None,
+                 reg_covar: float = 1e-6, tol: float = 1e-3, backend: str = "torch", pca_dim: int | None = None,
+                 max_fit_points: int | None = None, batch_size: int = 65536, device: str | None = None,
                  class_balanced: bool = False):
         super().__init__(name, boundary_fraction, class_balanced)
         if score not in GMM_SCORES:

@@ -94,10 +94,14 @@ class GMMSelector(Selector):
 
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray:
         features = self.project(pool.features)
-        self.fitted_ = fit_gmm(features[self.fit_rows(len(features), seed)], self.n_components, self.covariance_type,
+        fit_rows = self.fit_rows(len(features), seed)
+        self.fitted_ = fit_gmm(features[fit_rows], self.n_components, self.covariance_type,
                                max_iter=self.max_iter, tol=self.tol, reg_covar=self.reg_covar, seed=seed,
                                backend=self.backend, device=self.device, batch_size=self.batch_size)
-        loglik, posteriors = self.fitted_.score(features, self.batch_size, self.device)
+        if self.score_type != "posterior_gap" and isinstance(fit_rows, slice) and self.fitted_.log_likelihoods is not None:
+            loglik = self.fitted_.log_likelihoods  # every row was fitted: the fit's last pass scored them
+        else:
+            loglik, posteriors = self.fitted_.score(features, self.batch_size, self.device)
         if self.score_type == "loglik":
             return loglik
         if self.score_type == "loglik_high":

@@ -50,9 +50,11 @@ COORDINATE_BLOCK = 64
 # likely component and those whose bound on the log-probability stays within PRUNE_LOG_RATIO of that one's. A
 # component dropped this way has a responsibility below e^-60 = 1e-26 (scikit-learn's would round to the same
 # mean and covariance sums), so EM is unchanged while most of the K-fold whitening is skipped on separated data.
-# Scoring never prunes: every component's log-probability is exact there.
+# Scoring never prunes: every component's log-probability is exact there. Below PRUNE_MIN_BLOCKS blocks the
+# bookkeeping costs more than the matmuls it saves: the fit then computes every component and sums raw rows.
 PRUNE_LOG_RATIO = 60.0
 HEAD_FRACTION = 0.25
+PRUNE_MIN_BLOCKS = 4
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -169,6 +171,7 @@ class _TorchMixture:
             self.precisions32 = (1.0 / covariances).float()
             log_det = -0.5 * torch.log(covariances).sum(-1)
         self.log_norms = torch.log(weights) + log_det - 0.5 * dim * LOG_2PI
+        self.prunes = covariance_type == "full" and len(coordinate_blocks(dim)) >= PRUNE_MIN_BLOCKS
 
     @classmethod
     def from_fit(cls, fit: GaussianMixtureFit, device: torch.device) -> _TorchMixture:
@@ -185,10 +188,11 @@ class _TorchMixture:
     def e_step(self, x: torch.Tensor, stats: _SufficientStatistics | _WhitenedStatistics | None) -> torch.Tensor:
         """The fit's E-step: per-row log-likelihood (B,) float64, the responsibilities added to stats (if any).
 
-        Full covariance leaves out the components whose responsibility is certainly below e^-PRUNE_LOG_RATIO
-        (theirs is then exactly 0) and hands stats the whitened rows it computed.
+        With PRUNE_MIN_BLOCKS coordinate blocks or more (full covariance), it leaves out the components whose
+        responsibility is certainly below e^-PRUNE_LOG_RATIO (theirs is then exactly 0) and hands stats
+        (_WhitenedStatistics) the whitened rows it computed.
         """
-        if self.covariance_type != "full":
+        if not self.prunes:
             loglik, resp = self.log_prob(x)
             if stats is not None:
                 stats.add(x, resp)
@@ -457,7 +461,7 @@ def _fit_torch(rows: FeatureRows, labels: np.ndarray, centroids: np.ndarray, cov
     lower_bound, converged, n_iter = -math.inf, False, 0
     while n_iter < max_iter and not converged:
         n_iter += 1
-        stats = (_WhitenedStatistics(mixture) if covariance_type == "full"
+        stats = (_WhitenedStatistics(mixture) if mixture.prunes
                  else _SufficientStatistics(mixture.means32, covariance_type))
         total = torch.zeros((), dtype=torch.float64, device=device)
         for _, x in rows:

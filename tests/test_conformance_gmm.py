@@ -19,12 +19,12 @@ from ssat.selection import GMMSelector, PoolEmbedding
 K = 3
 
 
-def blobs_with_boundary(dim: int, n_per: int = 500, seed: int = 0) -> np.ndarray:
+def blobs_with_boundary(dim: int, n_per: int = 700, seed: int = 0, separation: float = 10.0) -> np.ndarray:
     """K anisotropic blobs in dim-D, close enough that a few per cent of the points lie between two of them (their
     two largest posteriors are not yet rounded to 1 and 0)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(K, dim))
-    centres *= 7 / np.linalg.norm(centres[:, None] - centres[None], axis=-1).max()
+    centres *= separation / np.linalg.norm(centres[:, None] - centres[None], axis=-1).max()
     mixing = [np.diag(rng.uniform(0.5, 1.5, size=dim)) + rng.normal(scale=0.3 / np.sqrt(dim), size=(dim, dim))
               for _ in range(K)]
     parts = [c + rng.standard_normal((n_per, dim)) @ m for c, m in zip(centres, mixing)]
@@ -89,13 +89,13 @@ def test_boundary_set_is_the_release_gaussian_mixture_s(score):
     every row (loglik: lowest score_samples first, as the release; loglik_high: highest first, the older code;
     posterior_gap: smallest gap between the two largest log-posteriors, from log-densities written out in
     numpy). The blobs are separated enough that scikit-learn's k-means (the release's start) and ssat's give the
-    same hard assignment, so both EMs start alike (equal iteration counts say so). 130-D, so that the whitening
-    runs on three coordinate blocks and the fit's E-step prunes components; ssat's selector is composed from the
+    same hard assignment, so both EMs start alike (equal iteration counts say so). 200-D, so that the whitening
+    runs on four coordinate blocks and the fit's E-step prunes components; ssat's selector is composed from the
     real config tree with its defaults. The first n_b of both orders are the same points."""
-    features = blobs_with_boundary(dim=130)
+    features = blobs_with_boundary(dim=200)
     reference = release_gmm(features)
     assert reference.converged_
-    n_b = 60  # 4% of the pool
+    n_b = 60  # 3% of the pool
     expected = boundary_set(reference_scores(reference, features, score), n_b)
     selector = composed_selector(f"selector.score={score}")
     assert ssat_boundary(selector, features, n_b) == expected
@@ -103,15 +103,17 @@ def test_boundary_set_is_the_release_gaussian_mixture_s(score):
     np.testing.assert_allclose(np.sort(selector.fitted_.weights), np.sort(reference.weights_), atol=1e-6)
 
 
-def test_log_likelihoods_equal_scikit_learn_s_from_the_same_start():
+@pytest.mark.parametrize("separation", [10.0, 0.5])
+def test_log_likelihoods_equal_scikit_learn_s_from_the_same_start(separation):
     """Reference: scikit-learn's GaussianMixture started, as ssat's torch EM, from the hard assignment of every
     row to its nearest of the same initial means. In 200-D (four coordinate blocks: the fit's E-step prunes and
     its M-step sums whitened rows) the iterations, every row's log-likelihood (the fit's own and the scoring
-    pass's), the posteriors and the parameters agree to float32 rounding."""
+    pass's), the posteriors and the parameters agree to float32 rounding; on separated blobs and on overlapping
+    ones (separation 0.5, where many rows share their responsibility and pruning has to keep both components)."""
     from ssat.clustering.gmm import fit_gmm
 
     rng = np.random.default_rng(4)
-    features = blobs_with_boundary(dim=200, n_per=700, seed=4)
+    features = blobs_with_boundary(dim=200, seed=4, separation=separation)
     init = features[rng.choice(len(features), K, replace=False)].astype(np.float64)
     x = features.astype(np.float64)
     labels = ((x[:, None, :] - init[None]) ** 2).sum(-1).argmin(1)

@@ -3,11 +3,12 @@
 scikit-learn's full-covariance GaussianMixture on a million 640-d rows takes hours on a CPU and needs the pool
 as one float64 array. Here a pool (often a read-only memory map) is read in row batches: each EM iteration is
 one pass that computes the responsibilities and accumulates the sufficient statistics, so nothing larger than a
-batch is ever built. The E-step's big matmul, rows x D x (K D), runs in float32 on rows centred on the mixture's
-mean; the sufficient statistics (rows centred on each component's mean), Cholesky factors, log-determinants,
-log-likelihoods and responsibilities are float64. The semantics are scikit-learn's: hard k-means
-responsibilities to start, ``reg_covar`` on the diagonal, stop when the mean log-likelihood changes by less than
-``tol``.
+batch is ever built. The E-step whitens rows centred on the mixture's mean by the triangular Cholesky factors of
+all precisions, float32 matmuls on coordinate blocks that skip the factors' zero half; in the fit it completes a
+component only where its bound says the responsibility can matter, and the M-step sums the whitened rows it
+already has (float32 within a batch, float64 across). Log-determinants, log-likelihoods and responsibilities are
+float64. The semantics are scikit-learn's: hard k-means responsibilities to start, ``reg_covar`` on the
+diagonal, stop when the mean log-likelihood changes by less than ``tol``.
 """
 
 from __future__ import annotations

@@ -98,8 +98,9 @@ class GMMSelector(Selector):
         self.fitted_ = fit_gmm(features[fit_rows], self.n_components, self.covariance_type,
                                max_iter=self.max_iter, tol=self.tol, reg_covar=self.reg_covar, seed=seed,
                                backend=self.backend, device=self.device, batch_size=self.batch_size)
-        if self.score_type != "posterior_gap" and isinstance(fit_rows, slice) and self.fitted_.log_likelihoods is not None:
-            loglik = self.fitted_.log_likelihoods  # every row was fitted: the fit's last pass scored them
+        fitted_every_row = isinstance(fit_rows, slice) and self.fitted_.log_likelihoods is not None
+        if self.score_type != "posterior_gap" and fitted_every_row:
+            loglik = self.fitted_.log_likelihoods  # the fit's last pass scored every row
         else:
             loglik, posteriors = self.fitted_.score(features, self.batch_size, self.device)
         if self.score_type == "loglik":

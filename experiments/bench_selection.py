@@ -6,8 +6,11 @@ Builds a clustered synthetic feature file on disk, then runs each method in its 
 is its own): our selectors end to end with their default config (read the memory-mapped features, fit, score,
 pick a 20% budget), and scikit-learn's KMeans (k-means++) and GaussianMixture with the same covariance type and
 the same number of iterations, on the same rows. scikit-learn runs on a random subsample when its estimated
-time exceeds --sklearn-seconds; ours is then timed again on exactly those rows for the ratio. The GMM ratio
-compares like with like: both fits start from the same PCA-reduced rows (the PCA is timed in ours end to end).
+time exceeds --sklearn-seconds; ours is then timed again on exactly those rows for the ratio.
+
+lcs_gmm runs twice: its default, the release's method (full covariance on the raw features of every row), and
+the fast option (selector.pca_dim=64 selector.max_fit_points=200000). Each is compared with scikit-learn on the
+rows it fits (raw, or the PCA-reduced sample; the PCA is timed in ours end to end), at --gmm-iterations each.
 --embed also measures the embed stage's throughput against the model's bare forward pass on the same batches.
 """
 
@@ -49,14 +52,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def compose_selector(name: str):
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: unlike wall time, hardly changed by others sharing the cores."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# lcs_gmm's speed option: PCA to 64 dimensions and a fit on 200,000 rows drawn at random (the default is neither)
+GMM_FAST = ["selector.pca_dim=64", "selector.max_fit_points=200000"]
+
+
+def compose_selector(name: str, overrides: list[str] = ()):
     from hydra import compose, initialize_config_module
 
     from ssat.config import build
 
     with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"selector={name}"])
+        cfg = compose("config", overrides=[f"selector={name}", *overrides])
     return build(cfg.selector)
+
+
+def gmm_selector(method: str):
+    """lcs_gmm as its default config (the release's method), or with the speed option for a *_fast method."""
+    return compose_selector("lcs_gmm", GMM_FAST if method.endswith("_fast") else [])
 
 
 def rows_of(features: np.ndarray, rows_file: str | None) -> np.ndarray:
@@ -70,7 +88,7 @@ def worker(method: str, features_file: str, rows_file: str | None, iterations: i
     from ssat.selection import PoolEmbedding
 
     features = np.load(features_file, mmap_mode="r")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     x = rows_of(features, rows_file)
     result: dict = {"method": method, "rows": len(x)}
     if method == "ours_lcs_km":
@@ -79,8 +97,8 @@ def worker(method: str, features_file: str, rows_file: str | None, iterations: i
         selector.select(pool, BUDGET, seed=0)
         result["inertia"] = selector.fitted_.inertia
         result["iterations"] = selector.niter
-    elif method == "ours_lcs_gmm":
-        selector = compose_selector("lcs_gmm")
+    elif method in ("ours_lcs_gmm", "ours_lcs_gmm_fast"):
+        selector = gmm_selector(method)
         if iterations is not None:  # equal iterations with scikit-learn: no early stop
             selector.max_iter, selector.tol = iterations, 0.0
         pool = PoolEmbedding(x, np.zeros((len(x), K), dtype=np.float32))
@@ -88,12 +106,13 @@ def worker(method: str, features_file: str, rows_file: str | None, iterations: i
         result["mean_log_likelihood"] = selector.fitted_.mean_log_likelihood
         result["iterations"] = selector.fitted_.n_iter
         result["pca_dim"] = selector.pca_dim
-    elif method == "ours_gmm_fit":  # like sklearn_gmm below: the fit and scoring on the already reduced rows
+        result["fit_rows"] = min(len(x), selector.max_fit_points or len(x))
+    elif method in ("ours_gmm_fit", "ours_gmm_fit_fast"):  # like sklearn_gmm: fit and score the reduced rows
         from ssat.clustering.gmm import fit_gmm
 
-        selector = compose_selector("lcs_gmm")
+        selector = gmm_selector(method)
         x = selector.reduce(x)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         fit = fit_gmm(x, K, selector.covariance_type, max_iter=iterations, tol=0.0, reg_covar=selector.reg_covar,
                       seed=0, backend="torch", device=selector.device, batch_size=selector.batch_size)
         loglik, _ = fit.score(x, selector.batch_size, selector.device)
@@ -105,12 +124,12 @@ def worker(method: str, features_file: str, rows_file: str | None, iterations: i
         km = KMeans(K, init="k-means++", n_init=1, max_iter=iterations, tol=0.0, random_state=0).fit(x)
         result["inertia"] = float(km.inertia_)
         result["iterations"] = int(km.n_iter_)
-    elif method == "sklearn_gmm":
+    elif method in ("sklearn_gmm", "sklearn_gmm_fast"):
         from sklearn.mixture import GaussianMixture
 
-        selector = compose_selector("lcs_gmm")
+        selector = gmm_selector(method)
         x = selector.reduce(x)  # the rows our GMM is fitted on (after the selector's PCA, if any)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         gmm = GaussianMixture(K, covariance_type=selector.covariance_type, max_iter=iterations, tol=0.0,
                               reg_covar=selector.reg_covar, random_state=0).fit(x)
         result["mean_log_likelihood"] = float(gmm.score(x))
@@ -118,6 +137,7 @@ def worker(method: str, features_file: str, rows_file: str | None, iterations: i
     else:
         raise SystemExit(f"unknown method {method}")
     result["seconds"] = time.perf_counter() - start
+    result["cpu_seconds"] = cpu_seconds() - cpu_start
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -132,15 +152,15 @@ def measure(method: str, features_file: Path, rows_file: Path | None = None, ite
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {method:<16} rows={result['rows']:>8}  {result['seconds']:8.1f} s  peak {result['peak_rss_mb']:7.0f} MB",
-          flush=True)
+    print(f"  {method:<18} rows={result['rows']:>8}  {result['seconds']:8.1f} s  cpu {result['cpu_seconds']:8.1f} s  "
+          f"peak {result['peak_rss_mb']:7.0f} MB", flush=True)
     return result
 
 
 def sklearn_rows(method: str, features_file: Path, n: int, iterations: int, budget_seconds: float,
-                 workdir: Path) -> Path | None:
+                 workdir: Path, probe: int = 20_000) -> Path | None:
     """None (all rows) when scikit-learn fits in the time budget, else a file of subsample row indices."""
-    probe = min(n, 20_000)
+    probe = min(n, probe)
     rows = workdir / f"probe_{method}.npy"
     np.save(rows, np.sort(np.random.default_rng(1).choice(n, probe, replace=False)))
     seconds = measure(method, features_file, rows, iterations)["seconds"]
@@ -197,7 +217,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path, help="where the feature file goes (default: a temporary folder)")
-    parser.add_argument("--sklearn-seconds", type=float, default=180.0,
+    parser.add_argument("--sklearn-seconds", type=float, default=120.0,
                         help="subsample for scikit-learn when its estimated time exceeds this")
     parser.add_argument("--gmm-iterations", type=int, default=20,
                         help="EM iterations of both GMMs in the side-by-side comparison (no early stop)")
@@ -234,31 +254,42 @@ def main() -> None:
         methods["sklearn_kmeans"]["sklearn_seconds_over_ours"] = methods["sklearn_kmeans"]["seconds"] / same["seconds"]
         methods["sklearn_kmeans"]["inertia_ours_over_sklearn"] = same["inertia"] / methods["sklearn_kmeans"]["inertia"]
 
-        print(f"lcs_gmm (torch EM) against scikit-learn GaussianMixture, {args.gmm_iterations} iterations each:")
-        methods["ours_lcs_gmm"] = measure("ours_lcs_gmm", features_file)
         iterations = args.gmm_iterations
-        rows = sklearn_rows("sklearn_gmm", features_file, args.n, iterations, args.sklearn_seconds, workdir)
-        methods["sklearn_gmm"] = measure("sklearn_gmm", features_file, rows, iterations)
-        methods["ours_gmm_fit_same_rows"] = measure("ours_gmm_fit", features_file, rows, iterations)
-        same = methods["ours_gmm_fit_same_rows"]
-        sk = methods["sklearn_gmm"]
-        sk["sklearn_seconds_over_ours"] = sk["seconds"] / same["seconds"]
-        sk["loglik_relative_difference"] = abs(same["mean_log_likelihood"] - sk["mean_log_likelihood"]) / abs(
-            sk["mean_log_likelihood"])
+        print(f"lcs_gmm (torch EM) against scikit-learn GaussianMixture, {iterations} iterations each:")
+        methods["ours_lcs_gmm"] = measure("ours_lcs_gmm", features_file)
+        methods["ours_lcs_gmm_fast"] = measure("ours_lcs_gmm_fast", features_file)
+        for suffix in ("", "_fast"):
+            # raw 512-d full covariance: a probe of 10,000 rows (1,000 per component) already costs scikit-learn
+            # about a minute; on the reduced rows the usual probe
+            probe = 20_000 if suffix else 10_000
+            rows = sklearn_rows(f"sklearn_gmm{suffix}", features_file, args.n, iterations, args.sklearn_seconds,
+                                workdir, probe)
+            sk = methods[f"sklearn_gmm{suffix}"] = measure(f"sklearn_gmm{suffix}", features_file, rows, iterations)
+            same = methods[f"ours_gmm_fit{suffix}_same_rows"] = measure(f"ours_gmm_fit{suffix}", features_file, rows,
+                                                                      iterations)
+            sk["sklearn_seconds_over_ours"] = sk["seconds"] / same["seconds"]
+            sk["sklearn_cpu_seconds_over_ours"] = sk["cpu_seconds"] / same["cpu_seconds"]
+            sk["loglik_relative_difference"] = abs(same["mean_log_likelihood"] - sk["mean_log_likelihood"]) / abs(
+                sk["mean_log_likelihood"])
 
         if args.embed:
             print("embed stage against the bare forward pass:")
             report["embed"] = bench_embed()
 
-    print("\nmethod                 rows      seconds  peak MB  objective")
+    print("\nmethod                          rows   seconds  cpu seconds  peak MB  objective")
     for name, m in methods.items():
         objective = m.get("inertia", m.get("mean_log_likelihood"))
-        print(f"{name:<22}{m['rows']:>8}  {m['seconds']:9.1f}  {m['peak_rss_mb']:7.0f}  {objective:.6g}")
-    km, gmm = methods["sklearn_kmeans"], methods["sklearn_gmm"]
+        print(f"{name:<28}{m['rows']:>8}  {m['seconds']:8.1f}  {m['cpu_seconds']:11.1f}  {m['peak_rss_mb']:7.0f}  "
+              f"{objective:.6g}")
+    km = methods["sklearn_kmeans"]
     print(f"\nlcs_km: sklearn/ours time {km['sklearn_seconds_over_ours']:.1f}x on {km['rows']} rows; "
           f"inertia ours/sklearn {km['inertia_ours_over_sklearn']:.4f}")
-    print(f"lcs_gmm: sklearn/ours time {gmm['sklearn_seconds_over_ours']:.1f}x on {gmm['rows']} rows at "
-          f"{gmm['iterations']} iterations; mean log-likelihood differs by {100 * gmm['loglik_relative_difference']:.3f}%")
+    for suffix, what in (("", "raw features (the default)"), ("_fast", "PCA 64, 200k fit rows (the fast option)")):
+        gmm = methods[f"sklearn_gmm{suffix}"]
+        print(f"lcs_gmm on {what}: sklearn/ours time {gmm['sklearn_seconds_over_ours']:.1f}x (cpu "
+              f"{gmm['sklearn_cpu_seconds_over_ours']:.1f}x) on {gmm['rows']} rows at "
+              f"{gmm['iterations']} iterations; mean log-likelihood differs by "
+              f"{100 * gmm['loglik_relative_difference']:.2g}%")
     print(f"memory limit (1.5 x feature file + 1 GB): {report['memory_limit_mb']:.0f} MB")
     if "embed" in report:
         e = report["embed"]

@@ -273,3 +273,35 @@ def test_nearest_centroid_matches_brute_force_far_from_the_origin():
     brute = ((x[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
     labels = _nearest_centroid(FeatureRows(x, 1024, torch.device("cpu")), centroids)
     assert (labels == brute).mean() > 0.999
+
+
+def test_pruned_e_step_and_whitened_m_step_equal_the_exact_ones():
+    """The fit's E-step leaves out components more than PRUNE_LOG_RATIO nats below a row's best and sums whitened
+    rows: in 256-D (four coordinate blocks) with two nearly coinciding components (many rows split their
+    responsibility) and a third 30-70 nats away from them, its log-likelihoods and the M-step that follows
+    equal the exact E-step's (every component) and the raw-coordinate float64 sums'."""
+    from ssat.clustering.gmm import _SufficientStatistics, _TorchMixture, _WhitenedStatistics
+
+    rng = np.random.default_rng(0)
+    dim, n = 256, 3000
+    means = np.zeros((3, dim))
+    means[1, 0], means[2, :4] = 0.5, 5.0
+    mixing = np.eye(dim) + rng.normal(scale=0.3 / np.sqrt(dim), size=(3, dim, dim))
+    mixing[1] = mixing[0]  # the same covariance: the log-ratio of 0 and 1 is linear in x, of spread about 0.5
+    covariances = mixing @ mixing.transpose(0, 2, 1)
+    labels = rng.choice(3, size=n, p=[0.4, 0.4, 0.2])
+    x = torch.as_tensor(means[labels] + np.einsum("nd,nde->ne", rng.normal(size=(n, dim)), mixing[labels]),
+                        dtype=torch.float32)
+    mixture = _TorchMixture(*(torch.as_tensor(a, dtype=torch.float64) for a in ([0.4, 0.4, 0.2], means, covariances)),
+                            "full")
+    assert mixture.prunes
+    with torch.no_grad():
+        exact_loglik, resp = mixture.log_prob(x)
+        assert ((resp > 1e-3) & (resp < 0.999)).any(1).float().mean() > 0.3  # the overlap is real
+        exact = _SufficientStatistics(mixture.means32, "full")
+        exact.add(x, resp)
+        whitened = _WhitenedStatistics(mixture)
+        loglik = mixture.e_step(x, whitened)
+    np.testing.assert_allclose(loglik.numpy(), exact_loglik.numpy(), rtol=1e-6)
+    for ours, reference in zip(whitened.m_step(1e-6), exact.m_step(1e-6)):
+        np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5, atol=1e-5)

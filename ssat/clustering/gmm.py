@@ -3,11 +3,12 @@
 scikit-learn's full-covariance GaussianMixture on a million 640-d rows takes hours on a CPU and needs the pool
 as one float64 array. Here a pool (often a read-only memory map) is read in row batches: each EM iteration is
 one pass that computes the responsibilities and accumulates the sufficient statistics, so nothing larger than a
-batch is ever built. The E-step's big matmul, rows x D x (K D), runs in float32 on rows centred on the mixture's
-mean; the sufficient statistics (rows centred on each component's mean), Cholesky factors, log-determinants,
-log-likelihoods and responsibilities are float64. The semantics are scikit-learn's: hard k-means
-responsibilities to start, ``reg_covar`` on the diagonal, stop when the mean log-likelihood changes by less than
-``tol``.
+batch is ever built. The E-step whitens rows centred on the mixture's mean by the triangular Cholesky factors of
+all precisions, float32 matmuls on coordinate blocks that skip the factors' zero half; in the fit it completes a
+component only where its bound says the responsibility can matter, and the M-step sums the whitened rows it
+already has (float32 within a batch, float64 across). Log-determinants, log-likelihoods and responsibilities are
+float64. The semantics are scikit-learn's: hard k-means responsibilities to start, ``reg_covar`` on the
+diagonal, stop when the mean log-likelihood changes by less than ``tol``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ NEGLIGIBLE_RESPONSIBILITY = 1e-12
 # sized, yet few enough torch calls that OpenMP barriers stay cheap when other processes share the cores.
 CHUNK_ELEMENTS = 2**20
 CHUNK_MIN_ROWS = 256
+# The whitening (x - mu_k) U_k with U_k the upper-triangular factor of component k's precision runs on column
+# blocks of this many coordinates: block b needs only the coordinates up to its end, so the blocks skip the zero
+# half of every U_k (about 0.56 of the full product at D = 512). The covariance sums skip their upper half alike.
+COORDINATE_BLOCK = 64
+# During the fit, the E-step first whitens every row for every component on the first quarter of the coordinate
+# blocks, which bounds each squared Mahalanobis distance from below; it then completes only the row's most
+# likely component and those whose bound on the log-probability stays within PRUNE_LOG_RATIO of that one's. A
+# component dropped this way has a responsibility below e^-60 = 1e-26 (scikit-learn's would round to the same
+# mean and covariance sums), so EM is unchanged while most of the K-fold whitening is skipped on separated data.
+# Scoring never prunes: every component's log-probability is exact there. Below PRUNE_MIN_BLOCKS blocks the
+# bookkeeping costs more than the matmuls it saves: the fit then computes every component and sums raw rows.
+PRUNE_LOG_RATIO = 60.0
+HEAD_FRACTION = 0.25
+PRUNE_MIN_BLOCKS = 4
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -120,12 +135,19 @@ def full_float32_matmuls():
         torch.set_float32_matmul_precision(previous)
 
 
+def coordinate_blocks(dim: int) -> list[tuple[int, int]]:
+    """(start, end) of the COORDINATE_BLOCK-wide column blocks of D coordinates."""
+    return [(start, min(dim, start + COORDINATE_BLOCK)) for start in range(0, dim, COORDINATE_BLOCK)]
+
+
 class _TorchMixture:
     """Mixture parameters on the device, in the forms the E-step needs.
 
     The rows are centred on the mixture's mean (so float32 keeps the digits that matter) and multiplied by the
-    Cholesky factors of all precisions at once, one (rows, K * D) matmul (full); diag takes the precisions one
-    component at a time. log_norms (float64) hold log weight + log det of the precision factor - D log(2 pi) / 2.
+    upper-triangular factors U_k of all precisions at once (full): for each coordinate block, one matmul of the
+    rows' coordinates up to the block's end by the block's columns of every U_k, (end, K * width), float32
+    (``whiten``). diag takes the precisions one component at a time. log_norms (float64) hold log weight + log
+    det U_k - D log(2 pi) / 2.
     """
 
     def __init__(self, weights: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor, covariance_type: str):
@@ -137,16 +159,20 @@ class _TorchMixture:
         if covariance_type == "full":
             chol, info = torch.linalg.cholesky_ex(covariances)
             _raise_if_not_positive_definite(info > 0)
+            self.chol = chol
             eye = torch.eye(dim, dtype=chol.dtype, device=chol.device).expand_as(chol)
             factors = torch.linalg.solve_triangular(chol, eye, upper=False).mT
             log_det = -torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-            self.factors32 = factors.permute(1, 0, 2).reshape(dim, n_components * dim).float()
-            self.offsets32 = torch.einsum("kd,kde->ke", means - centre, factors).reshape(-1).float()
+            offsets = torch.einsum("kd,kde->ke", means - centre, factors)
+            # per block: (end, the block's columns of every U_k (end, K, width), minus their offsets (K, width))
+            self.whiten = [(end, factors[:, :end, start:end].permute(1, 0, 2).float().contiguous(),
+                            -offsets[:, start:end].float()) for start, end in coordinate_blocks(dim)]
         else:
             _raise_if_not_positive_definite((covariances <= 0).any(-1))
             self.precisions32 = (1.0 / covariances).float()
             log_det = -0.5 * torch.log(covariances).sum(-1)
         self.log_norms = torch.log(weights) + log_det - 0.5 * dim * LOG_2PI
+        self.prunes = covariance_type == "full" and len(coordinate_blocks(dim)) >= PRUNE_MIN_BLOCKS
 
     @classmethod
     def from_fit(cls, fit: GaussianMixtureFit, device: torch.device) -> _TorchMixture:
@@ -155,44 +181,128 @@ class _TorchMixture:
 
         return cls(as64(fit.weights), as64(fit.means), as64(fit.covariances), fit.covariance_type)
 
-    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The batch whole on a GPU; on a CPU in cache-sized chunks."""
-        if x.device.type != "cpu":
-            return (x,)
-        return x.split(max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // self.means32.numel()))
-
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row log-likelihood (B,) and responsibilities (B, K), float64."""
+        """Per-row log-likelihood (B,) and responsibilities (B, K), float64, every component exact."""
         parts = [self._log_prob(chunk) for chunk in self._chunks(x)]
         return torch.cat([loglik for loglik, _ in parts]), torch.cat([resp for _, resp in parts])
 
+    def e_step(self, x: torch.Tensor, stats: _SufficientStatistics | _WhitenedStatistics | None) -> torch.Tensor:
+        """The fit's E-step: per-row log-likelihood (B,) float64, the responsibilities added to stats (if any).
+
+        With PRUNE_MIN_BLOCKS coordinate blocks or more (full covariance), it leaves out the components whose
+        responsibility is certainly below e^-PRUNE_LOG_RATIO (theirs is then exactly 0) and hands stats
+        (_WhitenedStatistics) the whitened rows it computed.
+        """
+        if not self.prunes:
+            loglik, resp = self.log_prob(x)
+            if stats is not None:
+                stats.add(x, resp)
+            return loglik
+        parts, whitened = [], [[] for _ in self.means32]
+        for chunk in self._chunks(x):
+            loglik, resp, completed = self._pruned_log_prob(chunk)
+            parts.append(loglik)
+            if stats is not None:  # kept for the batch: the sums are then a few large matmuls
+                for k, (rows, z) in enumerate(completed):
+                    counted = torch.nonzero(resp[rows, k] >= NEGLIGIBLE_RESPONSIBILITY).squeeze(1)
+                    whitened[k].append((z[counted], resp[rows[counted], k]))
+        for k, pairs in enumerate(whitened):
+            if pairs:
+                stats.add(k, torch.cat([z for z, _ in pairs]), torch.cat([r for _, r in pairs]))
+        return torch.cat(parts)
+
+    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The whole batch on a GPU; on a CPU, chunks whose (rows, K, width) float32 temporaries are cache-sized."""
+        if x.device.type != "cpu":
+            return (x,)
+        n_components, dim = self.means32.shape
+        width = min(dim, COORDINATE_BLOCK) if self.covariance_type == "full" else dim
+        return x.split(max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // (n_components * width)))
+
     def log_posteriors(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(k | x) (B, K), float64."""
+        """log p(k | x) (B, K), float64, every component exact."""
         weighted = torch.cat([self._weighted_log_prob(chunk) for chunk in self._chunks(x)])
         return weighted - torch.logsumexp(weighted, dim=1, keepdim=True)
 
     def _weighted_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log w_k + log N(x | mu_k, Sigma_k) (B, K), float64."""
-        n_components, dim = self.means32.shape
         if self.covariance_type == "full":
-            whitened = torch.addmm(-self.offsets32, x - self.centre32, self.factors32)
-            squared = whitened.square_().view(len(x), n_components, dim).sum(-1)
+            centred = x - self.centre32
+            squared = sum(self._whiten(centred, block).square_().sum(-1) for block in self.whiten)
         else:
             squared = torch.stack([(x - mean).square_() @ precisions
                                    for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
         return self.log_norms - 0.5 * squared.double()
 
     def _log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weighted = self._weighted_log_prob(x)
+        return self._normalise(self._weighted_log_prob(x))
+
+    @staticmethod
+    def _whiten(centred: torch.Tensor, block: tuple, component: int | None = None) -> torch.Tensor:
+        """Whitened coordinates (x - mu_k) U_k of one block for every component (rows, K, width), or one's."""
+        end, weights, negative_offsets = block
+        if component is not None:
+            return torch.addmm(negative_offsets[component], centred[:, :end], weights[:, component])
+        whitened = torch.addmm(negative_offsets.view(-1), centred[:, :end], weights.view(end, -1))
+        return whitened.view(len(centred), *negative_offsets.shape)
+
+    def _pruned_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Log-likelihood, responsibilities and, per component, (rows, their whitened coordinates (rows, D)) of
+        the rows it was completed for.
+
+        The head blocks for every component bound each log-probability from above; each row's most promising
+        component is completed first, then only the components whose bound stays within PRUNE_LOG_RATIO of it.
+        """
+        centred = x - self.centre32
+        n_head = max(1, round(HEAD_FRACTION * len(self.whiten)))
+        head = torch.cat([self._whiten(centred, block) for block in self.whiten[:n_head]], dim=2)  # (B, K, head)
+        partial = head.square().sum(-1)
+        bound = self.log_norms - 0.5 * partial.double()
+        weighted = torch.full_like(bound, -math.inf)
+        best = bound.argmax(1)
+        first = [self._complete(centred, head, torch.nonzero(best == k).squeeze(1), k, partial, n_head)
+                 for k in range(len(self.means32))]
+        for k, (rows, weighted_k, _) in enumerate(first):
+            weighted[rows, k] = weighted_k
+        floor = weighted.max(1).values - PRUNE_LOG_RATIO
+        whitened = []
+        for k, (rows, _, z) in enumerate(first):
+            candidates = torch.nonzero((best != k) & (bound[:, k] > floor)).squeeze(1)
+            more, weighted_k, z_more = self._complete(centred, head, candidates, k, partial, n_head, floor)
+            weighted[more, k] = weighted_k
+            whitened.append((torch.cat([rows, more]), torch.cat([z, z_more])))
+        return *self._normalise(weighted), whitened
+
+    def _complete(self, centred: torch.Tensor, head: torch.Tensor, rows: torch.Tensor, k: int, partial: torch.Tensor,
+                  n_head: int, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Component k's log-probabilities and whitened coordinates of the given rows, from block n_head on; with a
+        floor, the rows whose upper bound falls below it are dropped on the way. Returns the rows kept too."""
+        selected, partial, parts = centred[rows], partial[rows, k], [head[rows, k]]
+        floor = None if floor is None else floor[rows]
+        for block in self.whiten[n_head:]:
+            z = self._whiten(selected, block, k)
+            partial = partial + z.square().sum(-1)
+            parts.append(z)
+            if floor is not None:
+                keep = torch.nonzero(self.log_norms[k] - 0.5 * partial.double() > floor).squeeze(1)
+                if len(keep) < len(rows):
+                    rows, selected, partial, floor = rows[keep], selected[keep], partial[keep], floor[keep]
+                    parts = [part[keep] for part in parts]
+        return rows, self.log_norms[k] - 0.5 * partial.double(), torch.cat(parts, dim=1)
+
+
+    def _normalise(self, weighted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-likelihood and responsibilities from the per-component log-probabilities (B, K)."""
         # logsumexp by hand, so that the one exp also gives the responsibilities
         top = weighted.max(dim=1, keepdim=True).values
         shifted = weighted.sub_(top).exp_()
         total = shifted.sum(dim=1, keepdim=True)
         return (total.log() + top).squeeze(1), shifted.div_(total)
 
-    def to_fit(self, n_iter: int, converged: bool, mean_log_likelihood: float) -> GaussianMixtureFit:
+    def to_fit(self, n_iter: int, converged: bool, log_likelihoods: np.ndarray) -> GaussianMixtureFit:
         return GaussianMixtureFit(self.weights.cpu().numpy(), self.means.cpu().numpy(), self.covariances.cpu().numpy(),
-                                  self.covariance_type, n_iter, converged, mean_log_likelihood)
+                                  self.covariance_type, n_iter, converged, float(log_likelihoods.mean()),
+                                  log_likelihoods)
 
 
 def _raise_if_not_positive_definite(failed: torch.Tensor) -> None:
@@ -233,8 +343,9 @@ class _SufficientStatistics:
             root_rk = resp_k.sqrt()
             scaled = (x_k - self.centres32[k]).double().mul_(root_rk[:, None])  # sqrt(r) (x - c)
             self.first[k] += scaled.mT @ root_rk
-            if self.covariance_type == "full":
-                self.second[k] += scaled.mT @ scaled
+            if self.covariance_type == "full":  # the blocks on and below the diagonal (m_step mirrors them)
+                for start, end in coordinate_blocks(scaled.shape[1]):
+                    self.second[k, start:end, :end] += scaled[:, start:end].mT @ scaled[:, :end]
             else:
                 self.second[k] += scaled.square_().sum(0)
 
@@ -244,11 +355,53 @@ class _SufficientStatistics:
         shift = self.first / counts[:, None]
         means = self.centres32.double() + shift
         if self.covariance_type == "full":
-            covariances = self.second / counts[:, None, None] - shift[:, :, None] * shift[:, None, :]
+            second = self.second.tril() + self.second.tril(-1).mT
+            covariances = second / counts[:, None, None] - shift[:, :, None] * shift[:, None, :]
             covariances = 0.5 * (covariances + covariances.mT)
             covariances.diagonal(dim1=-2, dim2=-1).add_(reg_covar)
         else:
             covariances = self.second / counts[:, None] - shift.square() + reg_covar
+        return counts / counts.sum(), means, covariances
+
+
+class _WhitenedStatistics:
+    """The full-covariance M-step's sums in each component's whitened coordinates z = L_k^-1 (x - mu_k).
+
+    Sums of r, r z and r z z^T (the blocks on and below the diagonal), over the rows the E-step completed, from
+    the z it computed. In these coordinates a component's covariance is near the identity, so float32 products
+    summed over a chunk lose nothing that matters, and the covariance mapped back, L_k (S / n - m m^T) L_k^T, is
+    positive semi-definite whatever the rounding (collinear features included): the float64 sums of raw
+    coordinates need twice the time. Exactly scikit-learn's M-step: mean mu_k + L_k m and that covariance.
+    """
+
+    def __init__(self, mixture: _TorchMixture):
+        self.mixture = mixture
+        n_components, dim = mixture.means.shape
+        options = dict(dtype=torch.float64, device=mixture.means.device)
+        self.counts = torch.zeros(n_components, **options)
+        self.first = torch.zeros(n_components, dim, **options)
+        self.second = torch.zeros(n_components, dim, dim, **options)
+
+    def add(self, k: int, z: torch.Tensor, resp_k: torch.Tensor) -> None:
+        """z: the whitened rows of component k whose responsibility resp_k is not negligible."""
+        self.counts[k] += resp_k.sum()
+        root_rk = resp_k.sqrt().float()
+        scaled = z * root_rk[:, None]  # sqrt(r) z
+        self.first[k] += (scaled.mT @ root_rk).double()
+        for start, end in coordinate_blocks(z.shape[1]):
+            self.second[k, start:end, :end] += (scaled[:, start:end].mT @ scaled[:, :end]).double()
+
+    def m_step(self, reg_covar: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights, means and covariances as scikit-learn's M-step (which adds 10 eps to every count)."""
+        counts = self.counts + 10 * torch.finfo(torch.float64).eps
+        shift = self.first / counts[:, None]
+        second = self.second.tril() + self.second.tril(-1).mT
+        whitened = second / counts[:, None, None] - shift[:, :, None] * shift[:, None, :]
+        chol = self.mixture.chol
+        means = self.mixture.means + (chol @ shift[:, :, None]).squeeze(-1)
+        covariances = chol @ whitened @ chol.mT
+        covariances = 0.5 * (covariances + covariances.mT)
+        covariances.diagonal(dim1=-2, dim2=-1).add_(reg_covar)
         return counts / counts.sum(), means, covariances
 
 
@@ -263,6 +416,9 @@ class GaussianMixtureFit:
     n_iter: int
     converged: bool
     mean_log_likelihood: float  # on the fitted rows, under the returned parameters
+    # the fitted rows' log-likelihoods under the returned parameters (torch back-end: its last pass computes them,
+    # so a caller that fitted every row needs no scoring pass for them)
+    log_likelihoods: np.ndarray | None = field(default=None, repr=False, compare=False)
     # the scikit-learn model of a backend='sklearn' fit, which then also scores (all float64, the reference)
     sklearn_model: GaussianMixture | None = field(default=None, repr=False, compare=False)
 
@@ -333,18 +489,19 @@ def _fit_torch(rows: FeatureRows, labels: np.ndarray, centroids: np.ndarray, cov
     lower_bound, converged, n_iter = -math.inf, False, 0
     while n_iter < max_iter and not converged:
         n_iter += 1
-        stats = _SufficientStatistics(mixture.means32, covariance_type)
+        stats = (_WhitenedStatistics(mixture) if mixture.prunes
+                 else _SufficientStatistics(mixture.means32, covariance_type))
         total = torch.zeros((), dtype=torch.float64, device=device)
         for _, x in rows:
-            loglik, resp = mixture.log_prob(x)
-            total += loglik.sum()
-            stats.add(x, resp)
+            total += mixture.e_step(x, stats).sum()
         previous, lower_bound = lower_bound, total.item() / rows.n
         mixture = _TorchMixture(*stats.m_step(reg_covar), covariance_type)
         converged = abs(lower_bound - previous) < tol
 
-    total = sum(mixture.log_prob(x)[0].sum().item() for _, x in rows)
-    return mixture.to_fit(n_iter, converged, total / rows.n)
+    log_likelihoods = np.empty(rows.n, dtype=np.float64)
+    for start, x in rows:
+        log_likelihoods[start:start + len(x)] = mixture.e_step(x, None).cpu().numpy()
+    return mixture.to_fit(n_iter, converged, log_likelihoods)
 
 
 def _initial_parameters(x: np.ndarray, labels: np.ndarray, n_components: int, covariance_type: str,

@@ -48,16 +48,17 @@ class GMMSelector(Selector):
     posterior_gap: smallest gap between the two largest log-posteriors first (the analogue of the k-means margin;
     the posteriors themselves round to 1 and 0 away from a boundary, and would all tie).
 
-    A full-covariance mixture costs O(N K D^2) per EM iteration, so on a large pool the features are first
-    projected on their top ``pca_dim`` principal components and the mixture is fitted on at most
-    ``max_fit_points`` rows drawn at random; every row is then scored. pca_dim=None and max_fit_points=None fit
-    the raw features of every row, as the release does.
+    The defaults are the release's method (TrustMLRG/EfficientSSAT: scikit-learn's GaussianMixture, full
+    covariance, on the raw features of every row). A full-covariance mixture costs O(N K D^2) per EM iteration, so
+    two speed options deviate from it: ``pca_dim`` projects the features on their top principal components first
+    (which changes the scores: the dropped low-variance directions are those a full-covariance log-likelihood
+    weighs most) and ``max_fit_points`` fits on that many rows drawn at random; every row is then scored.
     """
 
     def __init__(self, name: str = "lcs_gmm", boundary_fraction: float = 0.4, n_components: int = 10,
                  covariance_type: str = "full", score: str = "loglik", max_iter: int = 100,
-                 reg_covar: float = 1e-6, tol: float = 1e-3, backend: str = "torch", pca_dim: int | None = 64,
-                 max_fit_points: int | None = 200_000, batch_size: int = 65536, device: str | None = None,
+                 reg_covar: float = 1e-6, tol: float = 1e-3, backend: str = "torch", pca_dim: int | None = None,
+                 max_fit_points: int | None = None, batch_size: int = 65536, device: str | None = None,
                  class_balanced: bool = False):
         super().__init__(name, boundary_fraction, class_balanced)
         if score not in GMM_SCORES:
@@ -94,11 +95,15 @@ class GMMSelector(Selector):
 
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray:
         features = self.project(pool.features)
-        self.fitted_ = fit_gmm(features[self.fit_rows(len(features), seed)], self.n_components, self.covariance_type,
+        fit_rows = self.fit_rows(len(features), seed)
+        self.fitted_ = fit_gmm(features[fit_rows], self.n_components, self.covariance_type,
                                max_iter=self.max_iter, tol=self.tol, reg_covar=self.reg_covar, seed=seed,
                                backend=self.backend, device=self.device, batch_size=self.batch_size)
         if self.score_type == "posterior_gap":  # in logs: far from a boundary the posteriors themselves tie at 1
             top2 = np.partition(self.fitted_.log_posteriors(features, self.batch_size, self.device), -2, axis=1)
             return top2[:, -1] - top2[:, -2]
-        loglik, _ = self.fitted_.score(features, self.batch_size, self.device)
+        if isinstance(fit_rows, slice) and self.fitted_.log_likelihoods is not None:
+            loglik = self.fitted_.log_likelihoods  # the fit's last pass scored every row
+        else:
+            loglik, _ = self.fitted_.score(features, self.batch_size, self.device)
         return loglik if self.score_type == "loglik" else -loglik

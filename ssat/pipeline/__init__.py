@@ -89,8 +89,7 @@ def check_before_work(cfg: DictConfig, selector, stages: list[Stage], data) -> N
 def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> RunSummary:
     """results.json from the stages' records."""
     computed = {name: r for name, r in results.items() if r.path is not None}
-    data = results["pool"].value
-    sizes = data.sizes()
+    sizes = {**results["pool"].value.sizes(), "test": results["evaluate"].info["num_test"]}  # test_size's subset
     selected, trained, evaluated = results["select"].info, results["ssat"].info, results["evaluate"].info
     generative = bool(selector.pool_stages(cfg))
     sanity = evaluated["sanity"]

@@ -137,9 +137,8 @@ class Runner:
                                                 stage.every_rank)
                     state = "from cache" if result.cached else "done"
                     log.info("    %s %s in %.1f s (%s)", stage.name, state, result.seconds, result.path)
-                else:
-                    with during_work():
-                        value, content = stage.run(ctx, None)
+                else:  # the data and the pool: what they find wrong is the input's (exit code 2), not the work's
+                    value, content = stage.run(ctx, None)
                     result = StageResult(stage.name, self.keyed(stage, content)[0], None, 0.0, False, {}, value)
             except Exception as err:
                 undeclared = _cause(err, UndeclaredRead)

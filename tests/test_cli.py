@@ -102,7 +102,7 @@ def test_image_folder_of_real_cifar10_jpegs_with_preact_resnet18(tmp_path):
                    "eval.val_pgd.steps=1", "eval.autoattack.num_points=4", "eval.sanity.num_points=16", fast=False,
                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
     results = run.results
-    assert results["dataset"] == "image_folder" and results["model"] == "PreActResNet18"
+    assert results["dataset"] == "image_folder" and results["model"] == "preact_resnet18"
     assert results["sizes"] == {"labeled": 24, "val": 8, "pool": 28, "test": 16, "candidates": 28, "selected": 14,
                                 "boundary": 6, "random": 8}
     assert 0 <= results["robust_acc"] <= results["clean_acc"] <= 1

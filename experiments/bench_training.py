@@ -70,8 +70,7 @@ class Bench:
         from ssat.config import build
         from ssat.data.sampler import SSATBatchSampler
         from ssat.data.training_set import LabeledAndSelected
-        from ssat.pipeline import load_data
-        from ssat.pipeline.checks import check_config
+        from ssat.pipeline import check_config, load_data
 
         self.cfg = cfg = compose(overrides)
         check_config(cfg)

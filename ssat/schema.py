@@ -146,7 +146,7 @@ class Pretrain:
     epochs: int = field(metadata=POSITIVE)
     batch_size: int = field(metadata=POSITIVE)
     lr: float = field(metadata=between(0, open_low=True))
-    images: str  # one of pipeline.PRETRAIN_IMAGES, checked there
+    images: str  # one of ssat.stages.generate.PRETRAIN_IMAGES, checked there
     seed: int
 
 

@@ -125,9 +125,3 @@ def restricted_view(cfg: DictConfig, paths: Iterable[str]) -> DictConfig:
     OmegaConf.set_readonly(view, True)
     return view
 
-
-def source_of(stage: Stage) -> Path:
-    """The file that declares the stage (for messages that tell a developer where to look)."""
-    import inspect
-
-    return Path(inspect.getsourcefile(stage.run) or "")

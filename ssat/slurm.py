@@ -22,6 +22,10 @@ POLL_S = 5.0
 # How long a job must look hopeless before the sweep ends: a node coming back, a requeue between two states or a
 # result file that a network file system shows late do not end it.
 GRACE_S = 30.0
+# A job that SLURM ends FAILED (or PREEMPTED, TIMEOUT, NODE_FAIL) may still come back: submitit requeues it on a
+# preemption or a time limit, and SLURM holds a requeued job for about two minutes before it is PENDING again.
+REQUEUE_GRACE_S = 240.0
+MAY_COME_BACK = frozenset({"FAILED", "PREEMPTED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL"})
 # Pending reasons that no amount of waiting changes (the request exceeds what the partition or its nodes offer,
 # the account or QOS is refused, the nodes it needs are down, a launch failed and SLURM held the job).
 NEVER_STARTS = frozenset({
@@ -48,9 +52,10 @@ def wait_for_results(jobs: Sequence[Any], params: dict[str, Any]) -> None:
         now = time.monotonic()
         for job in waiting if queue is not None else ():
             problem = why_hopeless(job, queue, params)
+            grace = REQUEUE_GRACE_S if queue.get(job.job_id, ("", ""))[0] in MAY_COME_BACK else GRACE_S
             if problem is None:
                 hopeless_since.pop(job.job_id, None)
-            elif now - hopeless_since.setdefault(job.job_id, now) >= GRACE_S:
+            elif now - hopeless_since.setdefault(job.job_id, now) >= grace:
                 subprocess.run(["scancel", array_id], capture_output=True)
                 raise SweepError(f"{problem}; cancelled job {array_id} (the sweep's array)")
         time.sleep(POLL_S)

@@ -18,6 +18,7 @@ from ssat import distributed
 from ssat.artifacts import SelectionFiles
 from ssat.attacks.autoattack import MIN_CLASSES as AUTOATTACK_MIN_CLASSES
 from ssat.cache import StageCache, check_writable
+from ssat.checkpoints import ModelFile
 from ssat.config import build
 from ssat.errors import ConfigError
 from ssat.pipeline.runner import Runner, upstream
@@ -34,8 +35,8 @@ log = logging.getLogger("ssat")
 
 def plan(selector, cfg: DictConfig) -> list[Stage]:
     """Every stage of this run, the selector's own pool stages (a guided DDPM's) in place of the data's pool."""
-    return [DATA, *(selector.pool_stages(cfg) or [POOL]), intermediate.STAGE, embed.STAGE, select.STAGE,
-            pseudo_label.STAGE, ssat.STAGE, evaluate.STAGE]
+    return [DATA, *intermediate.checkpoint_stages(cfg), *(selector.pool_stages(cfg) or [POOL]),
+            intermediate.stage(cfg), embed.STAGE, select.STAGE, pseudo_label.STAGE, ssat.STAGE, evaluate.STAGE]
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -110,7 +111,9 @@ def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> 
         autoattack_acc=evaluated.get("autoattack_acc"), autoattack_num_points=evaluated.get("autoattack_num_points"),
         autoattack_warnings=evaluated.get("autoattack_warnings", []), sanity=sanity, sanity_passed=sanity["passed"],
         pseudo_label_acc=results["pseudo_label"].info.get("pseudo_label_acc"),
-        intermediate_val_acc=results["intermediate"].info["best_val"], ssat_epochs=trained["epochs"],
+        intermediate_val_acc=results["intermediate"].info["best_val"],
+        checkpoints={name: {"path": r.value.path, "sha256": r.value.sha256} for name, r in results.items()
+                     if isinstance(r.value, ModelFile)}, ssat_epochs=trained["epochs"],
         ssat_best_epoch=trained["best_epoch"], ssat_epochs_to_convergence=trained["epochs_to_convergence"],
         ssat_early_stopped=trained["early_stopped"], ssat_ema=trained["ema"],
         timings={name: r.seconds for name, r in computed.items()},

@@ -38,12 +38,18 @@ class ModelFile:
     sha256: str
 
 
-def read_tensors(path: str, key: str) -> tuple[dict[str, Tensor], str]:
-    """The state dict in the file named by ``key=path`` and the file's sha256. safetensors by suffix, else
-    ``torch.load(weights_only=True)``; a file that needs pickled objects is refused, saying how to convert it."""
-    file = Path(path)
+def named(path: str, key: str | None) -> str:
+    """The file as the user typed it: ``key=path``, or the path alone for a command's argument."""
+    return f"{key}={path}" if key else str(path)
+
+
+def read_tensors(path: str, key: str | None) -> tuple[dict[str, Tensor], str]:
+    """The state dict in the file named by ``key=path`` (or the argument ``path``) and the file's sha256.
+    safetensors by suffix, else ``torch.load(weights_only=True)``; a file that needs pickled objects is refused,
+    saying how to convert it."""
+    file, what = Path(path), named(path, key)
     if not file.is_file():
-        raise ConfigError(f"{key}={path}: no such file")
+        raise ConfigError(f"{what}: no such file")
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if file.suffix == ".safetensors":
@@ -53,21 +59,21 @@ def read_tensors(path: str, key: str) -> tuple[dict[str, Tensor], str]:
         try:
             return load(data), digest
         except SafetensorError as err:
-            raise ConfigError(f"{key}={path} is not a readable safetensors file: {err}") from None
+            raise ConfigError(f"{what} is not a readable safetensors file: {err}") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" not in str(err).lower():
-            raise ConfigError(f"{key}={path} is not a file torch.load can read: {_first_line(err)}") from None
+            raise ConfigError(f"{what} is not a file torch.load can read: {_first_line(err)}") from None
         convert = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
                    f"torch.save(c.get('state_dict', c) if isinstance(c, dict) else c.state_dict(), 'weights.pt')\"")
-        raise ConfigError(f"{key}={path} holds pickled Python objects besides tensors, and a file named on the "
-                          f"command line is loaded as tensors only (weights_only=True: loading pickles runs their "
-                          f"code); if you trust the file, convert it once with {convert} and pass "
-                          f"{key}=weights.pt") from None
+        raise ConfigError(f"{what} holds pickled Python objects besides tensors, and a file named on the command "
+                          f"line is loaded as tensors only (weights_only=True: loading pickles runs their code); if "
+                          f"you trust the file, convert it once with {convert} and pass "
+                          f"{named('weights.pt', key)}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise ConfigError(f"{key}={path} is not a file torch.load can read: {_first_line(err)}") from None
-    return _state_dict(obj, f"{key}={path}"), digest
+        raise ConfigError(f"{what} is not a file torch.load can read: {_first_line(err)}") from None
+    return _state_dict(obj, what), digest
 
 
 def _first_line(err: BaseException) -> str:
@@ -106,7 +112,7 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], what: str) -> nn.Mo
     normalisation keeps the model's (the config's dataset statistics), saying so; any other missing or unexpected
     key, or a shape that differs, is one ConfigError naming them."""
     expected = model.state_dict()
-    best = max(_readings(state, model), key=lambda r: (len(r.keys() & expected.keys()), -len(r.keys() - expected.keys())))
+    best = max(_readings(state, model), key=lambda r: (len(r.keys() & expected.keys()), -len(r.keys() - expected)))
     missing = [k for k in expected if k not in best]
     kept = [k for k in missing if k in NORMALISATION]
     missing = [k for k in missing if k not in NORMALISATION]
@@ -128,7 +134,7 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], what: str) -> nn.Mo
     return model
 
 
-def model_file(model: nn.Module, path: str, key: str) -> ModelFile:
-    """``model`` with the weights of the file at ``key=path``, in eval mode."""
+def model_file(model: nn.Module, path: str, key: str | None) -> ModelFile:
+    """``model`` with the weights of the file at ``key=path`` (or the argument ``path``), in eval mode."""
     state, digest = read_tensors(path, key)
-    return ModelFile(load_weights(model, state, f"{key}={path}").eval(), str(path), digest)
+    return ModelFile(load_weights(model, state, named(path, key)).eval(), str(path), digest)

@@ -76,15 +76,19 @@ def model_name(cfg: DictConfig) -> str:
 
 def check_before_work(cfg: DictConfig, selector, stages: list[Stage], data) -> None:
     """What can be wrong with this run's settings, found before any stage trains."""
-    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
-        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
-                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
+    check_autoattack(cfg, data)
     target = selection_target(cfg.selection.target)
     selector.check(len(target.candidates(data)), target.known_labels(data) is not None)
     selector.num_selected(cfg.budget, len(target.candidates(data)))
     for stage in stages:
         if stage.check is not None:
             stage.check(cfg, data)
+
+
+def check_autoattack(cfg: DictConfig, data) -> None:
+    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
+        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
+                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
 
 
 def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> RunSummary:

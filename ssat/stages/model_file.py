@@ -23,11 +23,12 @@ from ssat.pipeline.stage import Stage
 from ssat.stages.evaluate import correct_flags
 
 
-def file_stage(name: str, key: str) -> Stage:
-    """The uncached stage whose value is a ModelFile: ``model`` with the weights of the file at ``key``."""
+def file_stage(name: str, key: str, argument: bool = False) -> Stage:
+    """The uncached stage whose value is a ModelFile: ``model`` with the weights of the file at ``key``.
+    ``argument``: the user gave the file as a command's argument, so messages name the file alone."""
 
     def run(ctx: StageContext, out: Path | None) -> tuple[ModelFile, str]:
-        loaded = model_file(build(ctx.cfg.model), OmegaConf.select(ctx.cfg, key), key)
+        loaded = model_file(build(ctx.cfg.model), OmegaConf.select(ctx.cfg, key), None if argument else key)
         return loaded, loaded.sha256
 
     return Stage(name, run, reads=(key, "model"), unkeyed=(key,), cached=False, code=("ssat.models",))

@@ -29,10 +29,12 @@ def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str:
 class KeyLayout:
     """``renames``: (ssat's key template, theirs) pairs, the first that matches a key renames it; keys that none
     matches are the same in both. ``definition``: the class there that these keys load into, as a format string
-    over the model's ``definition_args()``."""
+    over the model's ``definition_args()``; it takes ``channels`` x ``image_size`` x ``image_size`` inputs."""
 
     renames: tuple[tuple[str, str], ...]
     definition: str
+    channels: int = 3
+    image_size: int = 32
 
     def to_theirs(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return {_rename(k, self.renames): v for k, v in state.items()}

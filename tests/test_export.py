@@ -1,12 +1,9 @@
 """python -m ssat.export: the SSAT model's state dict loads strictly into RobustBench's own definition of the
 architecture (robustbench from PyPI, the `robustbench` extra) and gives the same logits on the same inputs in
 [0, 1], with and without normalisation; models RobustBench does not define, or inputs of another shape, are one
-line. The model card of python -m ssat.evaluate holds RobustBench's ModelInfo fields."""
+line."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -20,24 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CIFAR = ([0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616])
 IDENTITY = ([0.0] * 3, [1.0] * 3)
-
-
-@pytest.fixture(scope="module")
-def robustbench():
-    """RobustBench's modules. PyPI's robustbench 1.1.1 imports AutoAttack under the name of its git repository,
-    autoattack; PyPI's pyautoattack (ssat's dependency) is that code under another name."""
-    if importlib.util.find_spec("robustbench") is None:
-        pytest.skip("robustbench is not installed: pip install -e '.[robustbench]'")
-    import pyautoattack
-    import pyautoattack.state
-
-    sys.modules.setdefault("autoattack", pyautoattack)
-    sys.modules.setdefault("autoattack.state", pyautoattack.state)
-    from robustbench.model_zoo import cifar10
-    from robustbench.model_zoo.architectures import resnet, wide_resnet
-    from robustbench.utils import ModelInfo
-
-    return {"wide_resnet": wide_resnet, "resnet": resnet, "cifar10": cifar10, "ModelInfo": ModelInfo}
 
 
 def trained_looking(model):

@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 
+from ssat import distributed
+
 log = logging.getLogger("ssat")
 
 
@@ -63,8 +65,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def build_trainer(channels_last: bool = False, compile: bool | dict[str, Any] = False,
                   callbacks: list | None = None, **trainer_kwargs) -> L.Trainer:
     """``lightning.Trainer(**trainer_kwargs)`` with atomic checkpoints, and the Accelerate callback when a speed
-    option is on."""
+    option is on. Under DDP in a SLURM job of several tasks, the devices and nodes are the job's."""
     callbacks = list(callbacks or [])
+    if distributed.is_ddp(trainer_kwargs):
+        trainer_kwargs.update(distributed.placement(trainer_kwargs.get("devices", "auto"),
+                                                    trainer_kwargs.get("num_nodes", 1)))
     if channels_last or compile:
         callbacks.append(Accelerate(channels_last, compile))
     return L.Trainer(callbacks=callbacks, plugins=[AtomicCheckpointIO()], **trainer_kwargs)

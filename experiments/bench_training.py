@@ -145,6 +145,19 @@ class Bench:
         return images / (time.perf_counter() - start)
 
 
+def interleaved_rounds(bench: Bench, rounds: int) -> list[dict[str, float]]:
+    """Images/s of each side per round, the side that goes first alternating from round to round."""
+    measured = []
+    for r in range(rounds):
+        order = ("lightning", "plain") if r % 2 == 0 else ("plain", "lightning")
+        speeds = {side: bench.lightning(bench.cfg.loader.num_workers) if side == "lightning" else bench.plain()
+                  for side in order}
+        measured.append(speeds)
+        print(f"round {r}: lightning {speeds['lightning']:.1f} img/s, plain {speeds['plain']:.1f} img/s "
+              f"({order[0]} first)", file=sys.stderr)
+    return measured
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -167,14 +180,7 @@ def main() -> None:
         bench = Bench(args.overrides, args.batches, args.warmup, Path(tmp))
         cfg = bench.cfg
         torch.manual_seed(cfg.seed)
-        rounds = []
-        for r in range(args.rounds):
-            order = ("lightning", "plain") if r % 2 == 0 else ("plain", "lightning")
-            speeds = {side: bench.lightning(cfg.loader.num_workers) if side == "lightning" else bench.plain()
-                      for side in order}
-            rounds.append(speeds)
-            print(f"round {r}: lightning {speeds['lightning']:.1f} img/s, plain {speeds['plain']:.1f} img/s "
-                  f"({order[0]} first)", file=sys.stderr)
+        rounds = interleaved_rounds(bench, args.rounds)
         workers = {}
         for w in args.workers:
             workers[w] = statistics.median(bench.lightning(w) for _ in range(args.worker_repeats))

@@ -4,13 +4,16 @@ whole digits pipeline, so that a dtype or compile bug shows here and not on a us
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from torch._dynamo.utils import counters
 
 from conftest import run_in_process, train_digits_cnn
 from ssat.attacks import PGDATLoss, TradesLoss
@@ -90,4 +93,37 @@ def test_bf16_mixed_runs_the_whole_pipeline_with_every_training_step_under_autoc
     check_results(results)
     assert results["ssat_ema"] and results["guidance"]["name"] == "pcg"
     for stage in ("intermediate", "ssat", "ddpm_pretrain", "ddpm_finetune"):
+        finite_losses(tmp_path / "run", stage)
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's inductor needs a C++ compiler on CPU")
+def test_compile_runs_the_pipeline_compiled_without_graph_breaks_or_reaching_the_recompile_limit(tmp_path):
+    """trainer.compile=true with bf16 autocast (trainer=gpu's precision) through intermediate training, TRADES with
+    the EMA, validation PGD and the evaluation: the model's forward compiles whole (no graph break), and the
+    train, eval, attack and no-grad variants stay under Dynamo's recompile limit, past which it would fall back to
+    eager without failing (a silent slowdown on a GPU)."""
+    torch._dynamo.reset()
+    counters.clear()
+    dynamo_log = Records()
+    logging.getLogger("torch._dynamo").addHandler(dynamo_log)
+    try:
+        results = run_in_process(*BF16, "trainer.compile=true", "intermediate.epochs=1", "ssat.ema.decay=0.9",
+                                 "ssat.batches_per_epoch=2", tmp_path=tmp_path)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(dynamo_log)
+    assert counters["stats"]["unique_graphs"] >= 4  # train, no-grad, attack (frozen weights) and input-grad graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not [m for m in dynamo_log.messages if "recompile_limit" in m], dynamo_log.messages
+    check_results(results)
+    for stage in ("intermediate", "ssat"):
         finite_losses(tmp_path / "run", stage)

@@ -19,6 +19,7 @@ from ssat.data.training_set import LabeledAndSelected
 from ssat.lightning.coreset import CoresetReselection
 from ssat.models import SmallCNN
 from ssat.selection import PoolEmbedding, PredictionConfidenceSelector, RandomSelector
+from ssat.selection.base import TrainingSetup
 from ssat.selection.coreset import CoresetSelector, Craig, GradMatch, last_layer_gradients
 from ssat.selection.extrapolation import dynamic_uncertainty, extrapolate
 
@@ -184,8 +185,8 @@ def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
         sampler = SSATBatchSampler(40, 200, 32, 0.5, num_batches=5)
         selector = CoresetSelector("coreset_craig", Craig(), select_every=1, kappa=0.0)
         schedule = selector.schedule(4, 60 / 200, len(sampler))
-        parts.append((train_set, sampler, CoresetReselection(selector, train_set, sampler, PGDATLoss(0.1, 0.025, 1),
-                                                             60, schedule, 0, tmp_path)))
+        setup = TrainingSetup(train_set, sampler, PGDATLoss(0.1, 0.025, 1), images[40:], 60, 4, 0, tmp_path)
+        parts.append((train_set, sampler, CoresetReselection(selector, setup, schedule)))
     (first_set, first_sampler, first), (second_set, second_sampler, second) = parts
     assert first_sampler.unlabeled_subset is None and (first_set.weights == 1).all()  # before any choice
     first.reselect(SmallCNN(in_channels=1, num_classes=10, mean=[0.3], std=[0.4], width=8), torch.device("cpu"), 2)

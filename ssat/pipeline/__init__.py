@@ -114,7 +114,7 @@ def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> 
         ssat_best_epoch=trained["best_epoch"], ssat_epochs_to_convergence=trained["epochs_to_convergence"],
         ssat_early_stopped=trained["early_stopped"], ssat_ema=trained["ema"],
         timings={name: r.seconds for name, r in computed.items()},
-        selection_seconds=results["select"].seconds + trained.get("reselection_seconds", 0.0),
+        selection_seconds=results["select"].seconds + sum(r["seconds"] for r in trained.get("reselections") or []),
         reselections=trained.get("reselections"), total_seconds=sum(r.seconds for r in computed.values()),
         cached={name: r.cached for name, r in computed.items()},
         stage_keys={name: r.key for name, r in computed.items()},

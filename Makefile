@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.10+ with venv):
 #   make run    install into .venv and run the pipeline on the bundled digits data set
-#   make test   install into .venv and run the tests
+#   make test   install into .venv and run the tests (what CI runs); make test-fast: those not marked slow
 # Extra arguments for the run: make run ARGS="selector=lcs_gmm budget=0.2"
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install run test clean
+.PHONY: install run test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,14 @@ run: install
 
 # One OpenMP thread per test process (and the runs they start): with one pytest worker per core, two threads each
 # oversubscribe the cores and the small tensors of the tests then wait on each other (7 min instead of 13 here).
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+	$(PYTEST)
+
+# The inner loop: everything but the real subprocess runs (CLI output, exit codes, kill -9, SLURM, concurrency).
+test-fast: install
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) .ssat_cache outputs multirun

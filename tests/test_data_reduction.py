@@ -206,6 +206,7 @@ def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
 # ---------------------------------------------------------------- through the command line
 
 
+@pytest.mark.slow
 def test_data_pruning_trains_on_the_reduced_labeled_set_alone(tmp_path):
     run = run_ssat("selector=random", "selection.target=labeled", "budget=0.5", run_dir=tmp_path / "run",
                    cache_dir=tmp_path / "cache")
@@ -218,6 +219,7 @@ def test_data_pruning_trains_on_the_reduced_labeled_set_alone(tmp_path):
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
+@pytest.mark.slow
 def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
     """6 epochs, kappa 0.5, budget 0.3: warm start on every candidate for round(0.3 x 3) = 1 epoch, epochs 1-2
     skipped, coreset chosen at 3 and 5."""
@@ -236,6 +238,7 @@ def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
+@pytest.mark.slow
 def test_coreset_of_the_labeled_set_is_plain_adversarial_training_on_a_weighted_subset(tmp_path):
     """ACS' own setting: no pool, CRAIG re-chooses half of the labeled set (by true labels) during training."""
     run = run_ssat("selector=coreset_craig", "selection.target=labeled", "budget=0.5", "selector.select_every=2",
@@ -248,6 +251,7 @@ def test_coreset_of_the_labeled_set_is_plain_adversarial_training_on_a_weighted_
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
+@pytest.mark.slow
 def test_multirun_of_new_selectors_beside_lcs(tmp_path):
     sweep = tmp_path / "sweep"
     run_ssat("-m", "selector=lcs_km,coreset_craig_pb,extrapolation", "budget=0.3", f"hydra.sweep.dir={sweep}",
@@ -275,6 +279,7 @@ def test_multirun_of_new_selectors_beside_lcs(tmp_path):
     (["selection.target=everything"], ["selection.target='everything'", "pool, labeled"]),
     (["selector=lcg_km", "selection.target=labeled"], ["selection.target=labeled does not apply"]),
 ])
+@pytest.mark.slow
 def test_bad_data_reduction_settings_stop_before_training(overrides, fragments, tmp_path):
     run = run_ssat(*overrides, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)
     assert_one_line_error(run, *fragments)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cifar_archive import extract_cifar_subset, pixels_and_labels, read_cifar_jpegs, write_cifar10
 from conftest import run_ssat
 
 
+@pytest.mark.slow
 def test_cifar10_paper_preset_runs_one_batch_of_each_stage(tmp_path):
     """WRN-28-10, the official CIFAR-10 files and an npz pool as the paper's 1M-DDPM set, one batch per stage.
 
@@ -38,6 +40,7 @@ def test_cifar10_paper_preset_runs_one_batch_of_each_stage(tmp_path):
         assert setting in record
 
 
+@pytest.mark.slow
 def test_cifar10_small_preset_runs_on_the_image_folder(tmp_path):
     """The laptop-scale comparison's preset on an ImageFolder subset of the archive, with its sizes shrunk."""
     root = extract_cifar_subset(tmp_path / "cifar10", per_class_train=12, per_class_test=2)

@@ -60,6 +60,21 @@ def check_command_line(argv: list[str]) -> None:
             check_config(cfg)
 
 
+def compose_job(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
+    """One job's config as ``python -m ssat.run <overrides>`` would run it, checked (one-line errors), without
+    Hydra's node; and the groups' choices (``model``: wrn28_10). For the commands that run stages outside a Hydra
+    job (ssat.evaluate, ssat.export)."""
+    with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        _parsed(OverridesParser.create(config_loader=hydra.config_loader), overrides)
+        cfg = _compose(hydra, overrides, RunMode.RUN)
+    choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if "/" not in k}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    check_config(cfg)
+    return cfg, choices
+
+
 def _parsed(parser: OverridesParser, overrides: list[str]):
     parsed = []
     for override in overrides:

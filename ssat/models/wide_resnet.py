@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ssat.errors import ConfigError
 from ssat.models.base import Classifier
+from ssat.models.layout import KeyLayout
 
 
 class WideBasicBlock(nn.Module):
@@ -40,7 +41,16 @@ class WideBasicBlock(nn.Module):
 
 
 class WideResNet(Classifier):
-    """WRN-depth-widen_factor: 3x3 stem, three stages of (depth-4)/6 blocks (16k-32k-64k wide), final BN-ReLU."""
+    """WRN-depth-widen_factor: 3x3 stem, three stages of (depth-4)/6 blocks (16k-32k-64k wide), final BN-ReLU.
+
+    RobustBench's ``WideResNet`` (from the TRADES code) computes the same function; its input is in [0, 1] and its
+    normalising variants (``Rice2020OverfittingNet``) hold the statistics as ``mu`` and ``sigma``."""
+
+    robustbench = KeyLayout(
+        renames=(("block{g}.{i}.shortcut.", "block{g}.layer.{i}.convShortcut."), ("block{g}.{i}.", "block{g}.layer.{i}."),
+                 ("bn.", "bn1."), ("head.", "fc."), ("mean", "mu"), ("std", "sigma")),
+        definition="robustbench.model_zoo.architectures.wide_resnet.WideResNet(depth={depth}, "
+                   "widen_factor={widen_factor}, num_classes={num_classes})")
 
     def __init__(
         self,
@@ -61,6 +71,8 @@ class WideResNet(Classifier):
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"model dropout={dropout} must be in [0, 1)")
         n = (depth - 4) // 6
+        self.depth, self.widen_factor = depth, widen_factor
+        self.architecture = f"WideResNet-{depth}-{widen_factor}"
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
         stages = []
@@ -73,6 +85,9 @@ class WideResNet(Classifier):
         self.feature_dim = widths[3]
         self.head = nn.Linear(self.feature_dim, num_classes)
         self._init_weights()
+
+    def definition_args(self) -> dict[str, int]:
+        return {**super().definition_args(), "depth": self.depth, "widen_factor": self.widen_factor}
 
     def _init_weights(self) -> None:
         """He init (fan-out) for convs and zero linear bias, as in the TRADES/RST reference code."""

@@ -18,6 +18,7 @@ from ssat import distributed
 from ssat.artifacts import SelectionFiles
 from ssat.attacks.autoattack import MIN_CLASSES as AUTOATTACK_MIN_CLASSES
 from ssat.cache import StageCache, check_writable
+from ssat.checkpoints import ModelFile
 from ssat.config import build
 from ssat.errors import ConfigError
 from ssat.pipeline.runner import Runner, upstream
@@ -35,8 +36,8 @@ log = logging.getLogger("ssat")
 
 def plan(selector, cfg: DictConfig) -> list[Stage]:
     """Every stage of this run, the selector's own pool stages (a guided DDPM's) in place of the data's pool."""
-    return [DATA, *(selector.pool_stages(cfg) or [POOL]), intermediate.STAGE, embed.STAGE, select.STAGE,
-            pseudo_label.STAGE, ssat.STAGE, evaluate.STAGE]
+    return [DATA, *intermediate.checkpoint_stages(cfg), *(selector.pool_stages(cfg) or [POOL]),
+            intermediate.stage(cfg), embed.STAGE, select.STAGE, pseudo_label.STAGE, ssat.STAGE, evaluate.STAGE]
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -77,15 +78,19 @@ def model_name(cfg: DictConfig) -> str:
 
 def check_before_work(cfg: DictConfig, selector, stages: list[Stage], data) -> None:
     """What can be wrong with this run's settings, found before any stage trains."""
-    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
-        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
-                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
+    check_autoattack(cfg, data)
     target = selection_target(cfg.selection.target)
     selector.check(len(target.candidates(data)), target.known_labels(data) is not None)
     selector.num_selected(cfg.budget, len(target.candidates(data)))
     for stage in stages:
         if stage.check is not None:
             stage.check(cfg, data)
+
+
+def check_autoattack(cfg: DictConfig, data) -> None:
+    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
+        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
+                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
 
 
 def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> RunSummary:
@@ -112,7 +117,9 @@ def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> 
         autoattack_acc=evaluated.get("autoattack_acc"), autoattack_num_points=evaluated.get("autoattack_num_points"),
         autoattack_warnings=evaluated.get("autoattack_warnings", []), sanity=sanity, sanity_passed=sanity["passed"],
         pseudo_label_acc=results["pseudo_label"].info.get("pseudo_label_acc"),
-        intermediate_val_acc=results["intermediate"].info["best_val"], ssat_epochs=trained["epochs"],
+        intermediate_val_acc=results["intermediate"].info["best_val"],
+        checkpoints={name: {"path": r.value.path, "sha256": r.value.sha256} for name, r in results.items()
+                     if isinstance(r.value, ModelFile)}, ssat_epochs=trained["epochs"],
         ssat_best_epoch=trained["best_epoch"], ssat_epochs_to_convergence=trained["epochs_to_convergence"],
         ssat_early_stopped=trained["early_stopped"], ssat_ema=trained["ema"],
         timings={name: r.seconds for name, r in computed.items()},

@@ -51,6 +51,7 @@ class RunSummary:
     sanity_passed: bool
     pseudo_label_acc: float | None
     intermediate_val_acc: float | None
+    checkpoints: dict[str, dict[str, str]]  # models read from files, not trained: {stage: {path, sha256}}
     ssat_epochs: int
     ssat_best_epoch: int
     ssat_epochs_to_convergence: int

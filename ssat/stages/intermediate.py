@@ -1,4 +1,5 @@
-"""Stage 1: the intermediate model, trained on the labeled set only; it embeds, scores and labels the pool."""
+"""Stage 1: the intermediate model, trained on the labeled set only; it embeds, scores and labels the pool.
+With ``intermediate.checkpoint=<file>`` the model is the file's instead (ssat/stages/model_file.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ssat.data.splits import SemiSupervisedData
 from ssat.data.training_set import LabeledAndSelected
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage, When
+from ssat.stages.model_file import file_stage, saved_stage
 from ssat.stages.training import FitSettings, TrainerFactory, TrainingJob, fit
 
 
@@ -49,4 +51,18 @@ def _describe(ctx: StageContext) -> str:
 STAGE = Stage("intermediate", _run, needs=("data",), every_rank=True, describe=_describe,
               code=("ssat.models", "ssat.lightning"),
               reads=("model", "intermediate", "seed", "trainer", "eval.batch_size",
-                     When("intermediate.adversarial", "attack")))
+                     When("intermediate.adversarial", "attack")), unkeyed=("intermediate.checkpoint",))
+
+CHECKPOINT = file_stage("intermediate_checkpoint", "intermediate.checkpoint")
+FROM_CHECKPOINT = saved_stage("intermediate", CHECKPOINT)
+
+
+def checkpoint_stages(cfg) -> list[Stage]:
+    """The stage that reads ``intermediate.checkpoint``, when one is given: first in the plan, so that a file that
+    does not fit fails before any work."""
+    return [CHECKPOINT] if cfg.intermediate.checkpoint is not None else []
+
+
+def stage(cfg) -> Stage:
+    """The intermediate model: trained, or the weights of ``intermediate.checkpoint``."""
+    return FROM_CHECKPOINT if cfg.intermediate.checkpoint is not None else STAGE

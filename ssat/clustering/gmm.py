@@ -184,8 +184,7 @@ class _TorchMixture:
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row log-likelihood (B,) and responsibilities (B, K), float64, every component exact."""
-        parts = [self._log_prob(chunk) for chunk in self._chunks(x)]
-        return torch.cat([loglik for loglik, _ in parts]), torch.cat([resp for _, resp in parts])
+        return self._normalise(self._weighted_log_prob(x))
 
     def e_step(self, x: torch.Tensor, stats: _SufficientStatistics | _WhitenedStatistics | None) -> torch.Tensor:
         """The fit's E-step: per-row log-likelihood (B,) float64, the responsibilities added to stats (if any).
@@ -222,21 +221,22 @@ class _TorchMixture:
 
     def log_posteriors(self, x: torch.Tensor) -> torch.Tensor:
         """log p(k | x) (B, K), float64, every component exact."""
-        weighted = torch.cat([self._weighted_log_prob(chunk) for chunk in self._chunks(x)])
+        weighted = self._weighted_log_prob(x)
         return weighted - torch.logsumexp(weighted, dim=1, keepdim=True)
 
     def _weighted_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log w_k + log N(x | mu_k, Sigma_k) (B, K), float64."""
-        if self.covariance_type == "full":
-            centred = x - self.centre32
-            squared = sum(self._whiten(centred, block).square_().sum(-1) for block in self.whiten)
-        else:
-            squared = torch.stack([(x - mean).square_() @ precisions
-                                   for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
+        """log w_k + log N(x | mu_k, Sigma_k) (B, K), float64: the distances chunk by chunk (cache-sized
+        temporaries), the float64 arithmetic on (B, K) once for the batch (few torch calls)."""
+        squared = torch.cat([self._squared_mahalanobis(chunk) for chunk in self._chunks(x)])
         return self.log_norms - 0.5 * squared.double()
 
-    def _log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._normalise(self._weighted_log_prob(x))
+    def _squared_mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mu_k)^T Sigma_k^-1 (x - mu_k) (B, K), float32."""
+        if self.covariance_type == "full":
+            centred = x - self.centre32
+            return sum(self._whiten(centred, block).square_().sum(-1) for block in self.whiten)
+        return torch.stack([(x - mean).square_() @ precisions
+                            for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
 
     @staticmethod
     def _whiten(centred: torch.Tensor, block: tuple, component: int | None = None) -> torch.Tensor:

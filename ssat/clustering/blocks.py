@@ -7,6 +7,7 @@ would be page-faulted anew every time (on this machine that costs more than the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,7 +27,10 @@ def float32_blocks(features: np.ndarray, batch_size: int = BLOCK_ROWS) -> Iterat
     for start in range(0, n, batch_size):
         block = np.asarray(features[start:start + batch_size])
         out = buffer[:len(block)]
-        out.copy_(torch.from_numpy(block))  # vectorised and threaded, unlike numpy's float16 cast
+        with warnings.catch_warnings():  # torch cannot protect a read-only memory map; it is only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            source = torch.from_numpy(block)
+        out.copy_(source)  # vectorised and threaded, unlike numpy's float16 cast
         yield start, out.numpy()
 
 

@@ -43,8 +43,10 @@ def as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _squared_distances(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    return np.maximum((x * x).sum(1)[:, None] - 2 * x @ centers.T + (centers * centers).sum(1)[None, :], 0)
+def _squared_distances(x: np.ndarray, centers: np.ndarray, x_norms: np.ndarray) -> np.ndarray:
+    """|x - c|^2 from the rows' squared norms, computed once by the caller (not once per call: that was most of
+    the seeding's time), and one GEMM."""
+    return np.maximum(x_norms[:, None] - 2 * (x @ centers.T) + (centers * centers).sum(1)[None, :], 0)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -53,14 +55,15 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     trials = 2 + int(math.log(k))
     centers = np.empty((k, x.shape[1]), dtype=np.float32)
     centers[0] = x[rng.integers(n)]
-    closest = _squared_distances(x, centers[:1])[:, 0]
+    x_norms = (x * x).sum(1)
+    closest = _squared_distances(x, centers[:1], x_norms)[:, 0]
     for i in range(1, k):
         total = closest.sum()
         if total <= 0:  # fewer distinct points than k: any point will do
             candidates = rng.integers(n, size=trials)
         else:
             candidates = np.searchsorted(np.cumsum(closest), rng.random(trials) * total).clip(max=n - 1)
-        candidate_closest = np.minimum(closest[None, :], _squared_distances(x, x[candidates]).T)
+        candidate_closest = np.minimum(closest[None, :], _squared_distances(x, x[candidates], x_norms).T)
         best = int(np.argmin(candidate_closest.sum(1)))
         centers[i] = x[candidates[best]]
         closest = candidate_closest[best]
@@ -151,14 +154,13 @@ def _assign_pass(features: np.ndarray, centroids: np.ndarray, d1: np.ndarray, d2
                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Fills d1, d2 and assign for every row (as two_nearest_distances); returns the per-cluster sums and counts
     of the rows assigned (float64 across blocks, float32 within one)."""
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(as_float32(centroids))
     k, dim = centroids.shape
+    nearest_two = _NearestTwo(centroids)
     sums = torch.zeros((k, dim), dtype=torch.float64)
     block_sums = torch.zeros((k, dim), dtype=torch.float32)
     counts = np.zeros(k, dtype=np.int64)
     for start, x in float32_blocks(features, batch_size):
-        _two_nearest(index, x, d1, d2, assign, start)
+        nearest_two(x, d1, d2, assign, start)
         nearest = assign[start:start + len(x)]
         block_sums.zero_().index_add_(0, torch.from_numpy(nearest), torch.from_numpy(x))
         sums += block_sums
@@ -166,23 +168,32 @@ def _assign_pass(features: np.ndarray, centroids: np.ndarray, d1: np.ndarray, d2
     return sums.numpy(), counts
 
 
-def _two_nearest(index: faiss.IndexFlatL2, x: np.ndarray, d1: np.ndarray, d2: np.ndarray, assign: np.ndarray,
-                 start: int) -> None:
-    squared, nearest = index.search(x, 2)
-    dist = np.sqrt(np.maximum(squared, 0.0))
-    d1[start:start + len(dist)], d2[start:start + len(dist)] = dist[:, 0], dist[:, 1]
-    assign[start:start + len(dist)] = nearest[:, 0]
+class _NearestTwo:
+    """Each row's two nearest centroids: |x|^2 - 2 x.c + |c|^2 with the centroids' norms computed once, one float32
+    GEMM per block and a top-2 (FAISS's k=2 search keeps a heap per row: several times slower here)."""
+
+    def __init__(self, centroids: np.ndarray):
+        self.centroids = torch.from_numpy(as_float32(centroids))
+        self.norms = torch.einsum("kd,kd->k", self.centroids, self.centroids)
+
+    def __call__(self, x: np.ndarray, d1: np.ndarray, d2: np.ndarray, assign: np.ndarray, start: int) -> None:
+        rows = torch.from_numpy(x)
+        squared = torch.addmm(self.norms, rows, self.centroids.T, alpha=-2)
+        squared += torch.linalg.vector_norm(rows, dim=1).square_()[:, None]  # one read, no (B, D) temporary
+        two, nearest = squared.topk(2, dim=1, largest=False)
+        dist = two.clamp_(min=0).sqrt_().numpy()
+        d1[start:start + len(dist)], d2[start:start + len(dist)] = dist[:, 0], dist[:, 1]
+        assign[start:start + len(dist)] = nearest[:, 0].numpy()
 
 
 def two_nearest_distances(features: np.ndarray, centroids: np.ndarray, batch_size: int = 65536):
     """Euclidean distances d1 <= d2 to the two nearest centroids and the nearest one's index, for every point."""
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(as_float32(centroids))
     n = len(features)
     d1, d2 = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
     assign = np.empty(n, dtype=np.int64)
+    nearest_two = _NearestTwo(centroids)
     for start, x in float32_blocks(features, batch_size):
-        _two_nearest(index, x, d1, d2, assign, start)
+        nearest_two(x, d1, d2, assign, start)
     return d1, d2, assign
 
 

@@ -9,8 +9,8 @@ scikit-learn), so the objective matches scikit-learn's k-means++ at a fraction o
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
-import faiss
 import numpy as np
 
 from ssat.errors import ConfigError
@@ -18,9 +18,24 @@ from ssat.errors import ConfigError
 # k-means++ seeding looks at this many points at most: enough for k centroids, cheap on pools of millions.
 SEEDING_SAMPLE = 100_000
 
+# faiss-cpu and faiss-gpu both install the module faiss (installing both leaves whichever wrote last), so the
+# package depends on neither and each comes with an extra.
+FAISS_MISSING = ("FAISS is not installed; install ssat with one of its FAISS extras: pip install -e '.[cpu]', "
+                 "or '.[gpu]' (faiss-gpu) on a machine with CUDA 12 drivers")
+
+
+def faiss_lib() -> ModuleType:
+    """The faiss module, from whichever extra installed it."""
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(FAISS_MISSING) from None
+    return faiss
+
 
 def gpu_count() -> int:
     """GPUs FAISS can use: 0 with the faiss-cpu wheel, or without CUDA devices."""
+    faiss = faiss_lib()
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
@@ -64,7 +79,7 @@ def fit_kmeans(features: np.ndarray, k: int, niter: int = 25, nredo: int = 1, se
     for redo in range(max(1, nredo)):
         sample = x if n <= SEEDING_SAMPLE else x[np.sort(rng.choice(n, SEEDING_SAMPLE, replace=False))]
         seeds = kmeans_plus_plus(sample, k, rng)
-        kmeans = faiss.Kmeans(dim, k, niter=niter, seed=seed + redo, verbose=False,
+        kmeans = faiss_lib().Kmeans(dim, k, niter=niter, seed=seed + redo, verbose=False,
                               max_points_per_centroid=math.ceil(n / k) + 1, gpu=gpu_count() > 0)
         kmeans.train(x, init_centroids=seeds)
         if kmeans.obj[-1] < best_objective:
@@ -74,7 +89,7 @@ def fit_kmeans(features: np.ndarray, k: int, niter: int = 25, nredo: int = 1, se
 
 def two_nearest_distances(features: np.ndarray, centroids: np.ndarray, batch_size: int = 65536):
     """Euclidean distances d1 <= d2 to the two nearest centroids and the nearest one's index, for every point."""
-    index = faiss.IndexFlatL2(centroids.shape[1])
+    index = faiss_lib().IndexFlatL2(centroids.shape[1])
     index.add(as_float32(centroids))
     n = len(features)
     d1 = np.empty(n, dtype=np.float32)
@@ -90,7 +105,7 @@ def two_nearest_distances(features: np.ndarray, centroids: np.ndarray, batch_siz
 
 def inertia(features: np.ndarray, centroids: np.ndarray, batch_size: int = 65536) -> float:
     """Sum of squared distances to the nearest centroid (scikit-learn's objective), in batches."""
-    index = faiss.IndexFlatL2(centroids.shape[1])
+    index = faiss_lib().IndexFlatL2(centroids.shape[1])
     index.add(as_float32(centroids))
     total = 0.0
     for start in range(0, len(features), batch_size):

@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ssat.clustering.kmeans import FAISS_MISSING
 from ssat.errors import ConfigError, SsatError, WriteError
 from ssat.schema import check_config, did_you_mean
 
@@ -47,6 +48,7 @@ def check_command_line(argv: list[str]) -> None:
     with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
         parsed = _parsed(OverridesParser.create(config_loader=hydra.config_loader), overrides)
+        check_faiss()
         check_extras((o.get_key_element().lstrip("+~"), value) for o in parsed for value in
                      (o.sweep_string_iterator() if o.is_discrete_sweep() else [o.get_value_element_as_str()]))
         jobs = [overrides]
@@ -129,6 +131,13 @@ def check_extras(choices: Iterable[tuple[str, str]]) -> None:
         need = EXTRAS.get((group, choice))
         if need is not None and util.find_spec(need[1]) is None:
             raise ConfigError(f"{group}={choice} needs the extra '{need[0]}': pip install -e '.[{need[0]}]'")
+
+
+def check_faiss() -> None:
+    """FAISS comes with the cpu or the gpu extra (pip cannot install one wheel or the other by itself): without it,
+    one line naming them before any work."""
+    if util.find_spec("faiss") is None:
+        raise ConfigError(FAISS_MISSING)
 
 
 def check_output_dir(cfg: DictConfig, key: str) -> None:

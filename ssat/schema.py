@@ -56,6 +56,7 @@ class Optim:
     schedule: str = field(metadata=one_of(SCHEDULES))
     milestones: list[int] = field(metadata=POSITIVE)
     gamma: float = field(metadata=between(0, open_low=True))
+    norm_weight_decay: bool
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Embed:
 class Ema:
     decay: float | None = field(metadata=between(0, 1, open_high=True, why="null turns the EMA off"))
     warmup: int = field(metadata=POSITIVE)
+    start: float = field(metadata=between(0, 1, open_high=True))
 
 
 @dataclass

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
+from types import ModuleType
 
-import faiss
 import numpy as np
 import torch
 
@@ -33,8 +33,24 @@ SEEDING_SAMPLE = 100_000
 PASS_TOL = 1e-4
 
 
+# faiss-cpu and faiss-gpu both install the module faiss (installing both leaves whichever wrote last), so the
+# package depends on neither and each comes with an extra.
+FAISS_MISSING = ("FAISS is not installed; install ssat with one of its FAISS extras: pip install -e '.[cpu]', "
+                 "or '.[gpu]' (faiss-gpu) on a machine with CUDA 12 drivers")
+
+
+def faiss_lib() -> ModuleType:
+    """The faiss module, from whichever extra installed it."""
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(FAISS_MISSING) from None
+    return faiss
+
+
 def gpu_count() -> int:
     """GPUs FAISS can use: 0 with the faiss-cpu wheel, or without CUDA devices."""
+    faiss = faiss_lib()
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
@@ -76,7 +92,7 @@ def _restarts(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, rng: np.
     best, best_objective = None, math.inf
     for redo in range(max(1, nredo)):
         seeds = kmeans_plus_plus(x, k, rng)
-        kmeans = faiss.Kmeans(dim, k, niter=niter, seed=seed + redo, verbose=False,
+        kmeans = faiss_lib().Kmeans(dim, k, niter=niter, seed=seed + redo, verbose=False,
                               max_points_per_centroid=math.ceil(n / k) + 1, gpu=gpu_count() > 0)
         kmeans.train(x, init_centroids=seeds)
         if kmeans.obj[-1] < best_objective:
@@ -199,7 +215,7 @@ def two_nearest_distances(features: np.ndarray, centroids: np.ndarray, batch_siz
 
 def inertia(features: np.ndarray, centroids: np.ndarray, batch_size: int = 65536) -> float:
     """Sum of squared distances to the nearest centroid (scikit-learn's objective), in batches."""
-    index = faiss.IndexFlatL2(centroids.shape[1])
+    index = faiss_lib().IndexFlatL2(centroids.shape[1])
     index.add(as_float32(centroids))
     total = 0.0
     for _, x in float32_blocks(features, batch_size):

@@ -123,7 +123,7 @@ class Bench:
         if cfg.trainer.get("compile"):
             model.compile(**(cfg.trainer.compile if isinstance(cfg.trainer.compile, dict) else {}))
         model.train()
-        optimizer, _ = build_optimizer(model.parameters(), cfg.ssat.epochs, **cfg.ssat.optim)
+        optimizer, _ = build_optimizer(model, cfg.ssat.epochs, **cfg.ssat.optim)
         bf16 = str(cfg.trainer.precision).startswith("bf16")
         self.sampler.set_epoch(0)  # as Lightning sets it in its first epoch
         loader = train_loader(self.train_set, self.sampler, cfg.loader.num_workers, cfg.loader.pin_memory)

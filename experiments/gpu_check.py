@@ -186,12 +186,14 @@ def main() -> int:
         work = Path(tmp)
         data = write_data(work, sizes["per_class"])
         features = features_file(sizes, work)
+        rows = {"rows": sizes["rows"], "dim": sizes["dim"]}
+        device = torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads): no CUDA device"
         report = {
-            "device": torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads): no CUDA device",
-            "torch": torch.__version__, "tiny": args.tiny, "sizes": {k: v for k, v in sizes.items() if k != "model"},
+            "device": device, "torch": torch.__version__, "tiny": args.tiny,
+            "sizes": {k: v for k, v in sizes.items() if k != "model"},
             "training": timed("training", lambda: training(sizes, gpu, data, work / "training")),
-            "kmeans": timed("kmeans", lambda: {"rows": sizes["rows"], "dim": sizes["dim"], **kmeans(features)}),
-            "gmm": timed("gmm", lambda: {"rows": sizes["rows"], "dim": sizes["dim"], **gmm(features, sizes["gmm_iter"])}),
+            "kmeans": timed("kmeans", lambda: {**rows, **kmeans(features)}),
+            "gmm": timed("gmm", lambda: {**rows, **gmm(features, sizes["gmm_iter"])}),
             "stages": timed("stages", lambda: stages(sizes, gpu, data, work / "stages")),
         }
     report["total_seconds"] = round(time.perf_counter() - started, 1)

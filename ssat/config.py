@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssat import distributed
+from ssat.clustering.kmeans import FAISS_MISSING
 from ssat.errors import ConfigError, SsatError, WriteError
 from ssat.schema import check_config, did_you_mean
 
@@ -51,6 +52,7 @@ def check_command_line(argv: list[str]) -> None:
     with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
         parsed = _parsed(OverridesParser.create(config_loader=hydra.config_loader), overrides)
+        check_faiss()
         check_extras((o.get_key_element().lstrip("+~"), value) for o in parsed for value in
                      (o.sweep_string_iterator() if o.is_discrete_sweep() else [o.get_value_element_as_str()]))
         jobs = [overrides]
@@ -64,6 +66,21 @@ def check_command_line(argv: list[str]) -> None:
             with open_dict(cfg):
                 del cfg["hydra"]
             check_config(cfg, devices_here=here)
+
+
+def compose_job(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
+    """One job's config as ``python -m ssat.run <overrides>`` would run it, checked (one-line errors), without
+    Hydra's node; and the groups' choices (``model``: wrn28_10). For the commands that run stages outside a Hydra
+    job (ssat.evaluate, ssat.export)."""
+    with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        _parsed(OverridesParser.create(config_loader=hydra.config_loader), overrides)
+        cfg = _compose(hydra, overrides, RunMode.RUN)
+    choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if "/" not in k}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    check_config(cfg)
+    return cfg, choices
 
 
 def _parsed(parser: OverridesParser, overrides: list[str]):
@@ -149,6 +166,13 @@ def check_launcher(cfg: DictConfig) -> None:
                           f"each task, and a DDP rank takes the GPU of its local rank: set "
                           f"hydra.launcher.gpus_per_node={per_node} instead")
     distributed.placement(cfg.trainer.devices, cfg.trainer.get("num_nodes", 1), tasks=(per_node, nodes))
+
+
+def check_faiss() -> None:
+    """FAISS comes with the cpu or the gpu extra (pip cannot install one wheel or the other by itself): without it,
+    one line naming them before any work."""
+    if util.find_spec("faiss") is None:
+        raise ConfigError(FAISS_MISSING)
 
 
 def check_output_dir(cfg: DictConfig, key: str) -> None:

@@ -57,6 +57,7 @@ class Optim:
     schedule: str = field(metadata=one_of(SCHEDULES))
     milestones: list[int] = field(metadata=POSITIVE)
     gamma: float = field(metadata=between(0, open_low=True))
+    norm_weight_decay: bool
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Intermediate:
     batch_size: int = field(metadata=POSITIVE)
     adversarial: bool
     optim: Optim
+    checkpoint: str | None  # a file, read in ssat.checkpoints
+
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Embed:
 class Ema:
     decay: float | None = field(metadata=between(0, 1, open_high=True, why="null turns the EMA off"))
     warmup: int = field(metadata=POSITIVE)
+    start: float = field(metadata=between(0, 1, open_high=True))
 
 
 @dataclass
@@ -169,6 +173,7 @@ class Sampler:
 @dataclass
 class Generation:
     lam: float = field(metadata=at_least(0, why="0 is plain fine-tuning"))
+    classifier: str  # "intermediate" or a file, read in ssat.checkpoints
     pretrained: str | None
     unet: dict  # UNet2DModel's own arguments, checked by diffusers when the UNet is built
     pretrain: Pretrain
@@ -313,7 +318,7 @@ def check_schema(cfg: DictConfig) -> None:
 
 # Paths the loaders read; a path the system cannot even look up fails here naming its key (a missing one is left to
 # the loader, which says what it expected to find).
-PATH_KEYS = ("cache_dir", "dataset.root", "pool.root", "pool.paths")
+PATH_KEYS = ("cache_dir", "dataset.root", "pool.root", "pool.paths", "intermediate.checkpoint", "generation.classifier")
 
 
 def check_paths(cfg: DictConfig) -> None:

@@ -3,6 +3,7 @@ overrides, one-thread torch for tiny tensors, and the small digits CNN the attac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -102,3 +103,21 @@ def run_in_process(*overrides: str, tmp_path: Path, tiny: bool = True) -> dict:
 
     cfg = compose(*(TINY if tiny else []), *overrides, f"cache_dir={tmp_path / 'cache'}")
     return run_pipeline(cfg, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def robustbench():
+    """RobustBench's modules. PyPI's robustbench 1.1.1 imports AutoAttack under the name of its git repository,
+    autoattack; PyPI's pyautoattack (ssat's dependency) is that code under another name."""
+    if importlib.util.find_spec("robustbench") is None:
+        pytest.skip("robustbench is not installed: pip install -e '.[robustbench]'")
+    import pyautoattack
+    import pyautoattack.state
+
+    sys.modules.setdefault("autoattack", pyautoattack)
+    sys.modules.setdefault("autoattack.state", pyautoattack.state)
+    from robustbench.model_zoo import cifar10
+    from robustbench.model_zoo.architectures import resnet, wide_resnet
+    from robustbench.utils import ModelInfo
+
+    return {"wide_resnet": wide_resnet, "resnet": resnet, "cifar10": cifar10, "ModelInfo": ModelInfo}

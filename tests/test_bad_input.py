@@ -8,18 +8,21 @@ through a real ``python -m ssat.run`` process (marked slow), as a user would.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cifar_archive import extract_cifar_subset
 from conftest import run_ssat
 from ssat import run as ssat_run
 from ssat.config import check_command_line
+from ssat.models import SmallCNN, WideResNet
 
 TOO_LONG = "x" * 300  # longer than the file-name limit (255)
 
@@ -59,6 +62,18 @@ def not_a_zip_member(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("image.npy", b"not an array")
     return path
+
+
+def pickled_checkpoint(tmp: Path) -> Path:
+    """A checkpoint that stores its training arguments as a Namespace, as many training scripts do."""
+    torch.save({"state_dict": SmallCNN(1, 10, [0.3], [0.4]).state_dict(), "args": argparse.Namespace(lr=0.1)},
+               tmp / "pickled.pt")
+    return tmp / "pickled.pt"
+
+
+def wrn_weights(tmp: Path) -> Path:
+    torch.save(WideResNet(1, 10, [0.3], [0.4], depth=10, widen_factor=1).state_dict(), tmp / "wrn.pt")
+    return tmp / "wrn.pt"
 
 
 def symlink_loop(tmp: Path) -> Path:
@@ -167,6 +182,18 @@ CASES = [
      ["labels 100..109", "10 classes"]),
     ("bad-pool-in-a-sweep", lambda t: ["-m", "pool=npz", f"pool.paths={labels_100_to_109(t / 'p.npz')}", "seed=0,1"],
      ["labels 100..109"]),
+    # model files that cannot be read as tensors, or do not fit the model
+    ("checkpoint-missing", lambda t: [f"intermediate.checkpoint={t / 'none.pt'}"],
+     ["intermediate.checkpoint=", "none.pt: no such file"]),
+    ("checkpoint-not-torch", lambda t: [f"intermediate.checkpoint={a_file(t)}"],
+     ["intermediate.checkpoint=", "is not a file torch.load can read"]),
+    ("checkpoint-pickled", lambda t: [f"intermediate.checkpoint={pickled_checkpoint(t)}"],
+     ["intermediate.checkpoint=", "pickled.pt holds pickled Python objects", "weights_only=False", "weights.pt"]),
+    ("checkpoint-other-architecture", lambda t: [f"intermediate.checkpoint={wrn_weights(t)}"],
+     ["wrn.pt does not fit the configured model SmallCNN-32", "keys missing (layers.0.weight",
+      "unexpected keys (conv1.weight", "model="]),
+    ("classifier-other-architecture", lambda t: ["selector=pcg", f"generation.classifier={wrn_weights(t)}"],
+     ["generation.classifier=", "wrn.pt does not fit the configured model SmallCNN-32"]),
     # outputs that cannot be written
     ("run-dir-forbidden", lambda t: ["hydra.run.dir=/sys/ssat-test/run"], ["hydra.run.dir=/sys/ssat-test/run"]),
     ("run-dir-under-file", lambda t: [f"hydra.run.dir={a_file(t)}/run"], ["hydra.run.dir=", "is a file"]),

@@ -26,6 +26,8 @@ from ssat.slurm import gpu_count, minutes
 from ssat.stages.embed import embed_pool
 from test_faults import outcome
 
+pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
+
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssat.attacks.pgd import attack_mode, pgd_attack, project_linf
+from ssat.attacks.pgd import attack_mode, batch_statistics_mode, pgd_attack, project_linf
 from ssat.errors import ConfigError
 
 
@@ -20,11 +20,13 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=1)
 
 
-def labeled_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the points with a label (zero when none has one, instead of NaN)."""
+def labeled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the points with a label (zero when none has one, instead of NaN); with label
+    smoothing s the target is 1 - s on the label plus s / C on every class (PyTorch's, the same as
+    DM-Improves-AT's SmoothCrossEntropyLoss)."""
     if not bool((y >= 0).any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, y, ignore_index=-1)
+    return F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=label_smoothing)
 
 
 def _check_attack(eps: float, alpha: float, steps: int) -> None:
@@ -44,27 +46,48 @@ class CrossEntropyLoss:
         return loss, {"loss": loss.detach(), "natural": loss.detach()}
 
 
+# The attack's start: x + 0.001 N(0, I) (yaodongyu/TRADES), or uniform in the eps-ball (DM-Improves-AT).
+STARTS = ("normal", "uniform")
+# The batch-norm statistics the attack's forward passes use: running (eval mode, TRADES's code) or batch (train mode
+# with the running statistics frozen, Gowal et al. 2020 and DM-Improves-AT).
+ATTACK_BN = {"running": attack_mode, "batch": batch_statistics_mode}
+
+
 class TradesLoss:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL.
 
-    The clean softmax that the attack steps aim away from is computed once per batch, in eval mode (the original
-    code recomputes it at every step), and the loss reuses one train-mode clean forward for both terms.
+    The clean softmax that the attack steps aim away from is computed once per batch, in the attack's mode (the
+    original code recomputes it at every step), and the loss reuses one train-mode clean forward for both terms.
+    ``label_smoothing`` applies to the natural (cross-entropy) term only, as in DM-Improves-AT; the KL term compares
+    the two predictions, not a label.
     """
 
     def __init__(self, name: str = "trades", eps: float = 0.031, alpha: float = 0.007, steps: int = 10,
-                 beta: float = 6.0):
+                 beta: float = 6.0, label_smoothing: float = 0.0, start: str = "normal", attack_bn: str = "running"):
         _check_attack(eps, alpha, steps)
         if beta < 0:
             raise ConfigError(f"attack.beta={beta} must not be negative")
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"attack.label_smoothing={label_smoothing} is outside [0, 1)")
+        if start not in STARTS:
+            raise ConfigError(f"attack.start={start!r} is not one of {', '.join(STARTS)}")
+        if attack_bn not in ATTACK_BN:
+            raise ConfigError(f"attack.attack_bn={attack_bn!r} is not one of {', '.join(ATTACK_BN)}")
         self.name, self.eps, self.alpha, self.steps, self.beta = name, eps, alpha, steps, beta
+        self.label_smoothing, self.start, self.attack_bn = label_smoothing, start, attack_bn
+
+    def _start(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start == "uniform":
+            return (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp_(0.0, 1.0)
+        # TRADES' start: x + 0.001 N(0, I), projected only after the first step (the noise of pixels at 0 or 1
+        # stays in the first step's sum)
+        return x + 0.001 * torch.randn_like(x)
 
     def adversarial_examples(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with attack_mode(model):
+        with ATTACK_BN[self.attack_bn](model):
             with torch.no_grad():
                 log_p_clean = log_probs(model(x))
-            # TRADES' start: x + 0.001 N(0, I), projected only after the first step (the noise of pixels at 0 or 1
-            # stays in the first step's sum)
-            x_adv = x + 0.001 * torch.randn_like(x)
+            x_adv = self._start(x)
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
@@ -78,15 +101,17 @@ class TradesLoss:
 
     def sample_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Per-point TRADES loss (B,): cross-entropy (0 without a label) plus beta times the point's KL."""
-        log_p = log_probs(model(x))
+        logits = model(x)
+        log_p = log_probs(logits)
         kl = F.kl_div(log_probs(model(x_adv)), log_p, reduction="none", log_target=True).sum(1)
-        return F.nll_loss(log_p, y, ignore_index=-1, reduction="none") + self.beta * kl
+        natural = F.cross_entropy(logits, y, ignore_index=-1, reduction="none", label_smoothing=self.label_smoothing)
+        return natural + self.beta * kl
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = self.adversarial_examples(model, x)
         logits = model(x)
         logits_adv = model(x_adv)
-        natural = labeled_cross_entropy(logits, y)
+        natural = labeled_cross_entropy(logits, y, self.label_smoothing)
         robust = F.kl_div(log_probs(logits_adv), log_probs(logits), reduction="batchmean",
                           log_target=True)
         loss = natural + self.beta * robust

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ssat.errors import ConfigError, DataError
+from ssat.progress import track
 
 
 @dataclass
@@ -74,8 +74,11 @@ def _not_found(name: str, missing: Path, what: str) -> DataError:
     )
 
 
-def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> ImageDataset:
-    """The UCI 8x8 handwritten digits bundled with scikit-learn: a real data set that needs no download."""
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0, image_size: int = 8,
+                channels: int = 1) -> ImageDataset:
+    """The UCI 8x8 handwritten digits bundled with scikit-learn: a real data set that needs no download.
+    ``image_size`` and ``channels`` give the same images at another shape (bilinear resize, the grey copied to
+    every channel): at 32 and 3, CIFAR-10's, they fit the models that take only CIFAR-shaped input (RobustBench's)."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
@@ -88,7 +91,11 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> ImageDataset
             f" of {n};"
             " use a value between 0.01 and 0.99"
         )
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    if image_size != images.shape[-1]:
+        images = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
+                           for im in images])
+    images = np.repeat(images[:, None], channels, axis=1)
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(
         np.arange(n), test_size=test_fraction, stratify=labels, random_state=split_seed
@@ -315,7 +322,7 @@ def _decode_all(files: list[tuple[Path, int]], mode: str, image_size: int | None
     first = _decode(files[0][0], mode, image_size)
     images = np.empty((len(files), *first.shape), dtype=np.uint8)
     images[0] = first
-    for i, (path, _) in enumerate(tqdm(files[1:], desc=desc, unit="img", initial=1, total=len(files)), start=1):
+    for i, (path, _) in enumerate(track(files[1:], len(files), desc, "img", initial=1), start=1):
         pixels = _decode(path, mode, image_size)
         if pixels.shape != first.shape:
             raise DataError(

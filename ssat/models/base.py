@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ssat.errors import ConfigError
+from ssat.models.layout import KeyLayout
 
 
 class Classifier(nn.Module):
@@ -19,6 +20,8 @@ class Classifier(nn.Module):
 
     feature_dim: int
     head: nn.Linear
+    architecture: str  # the name model cards give it (RobustBench's: WideResNet-28-10, PreActResNet-18)
+    robustbench: KeyLayout | None = None  # RobustBench's keys for it, where RobustBench defines it
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -39,6 +42,10 @@ class Classifier(nn.Module):
             raise ConfigError(
                 f"model in_channels={in_channels} but mean/std have {self.mean.shape[1]} values; give one per channel"
             )
+
+    def definition_args(self) -> dict[str, int]:
+        """What another code base's definition of the architecture needs to build it (``robustbench.definition``)."""
+        return {"num_classes": self.head.out_features, "in_channels": self.mean.shape[1]}
 
     def normalize(self, x: Tensor) -> Tensor:
         """Map inputs in [0, 1] to the standardised scale the layers were built for."""

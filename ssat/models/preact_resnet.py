@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssat.models.base import Classifier
+from ssat.models.layout import KeyLayout
 
 
 class PreActBlock(nn.Module):
@@ -34,7 +35,19 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(Classifier):
-    """PreAct ResNet-18: 3x3 stem without max pool, four stages of two blocks (64-128-256-512), final BN-ReLU."""
+    """PreAct ResNet-18: 3x3 stem without max pool, four stages of two blocks (64-128-256-512), final BN-ReLU.
+
+    Rice et al. 2020's network: RobustBench defines it as ``PreActResNet(PreActBlockV2, [2, 2, 2, 2],
+    bn_before_fc=True)`` (its ``Rice2020OverfittingNetL2``, with ``mu`` and ``sigma``). RobustBench's
+    ``PreActResNet18()`` is another network: its shortcuts take the block's input before the BN-ReLU, and it has no
+    final BN-ReLU."""
+
+    robustbench = KeyLayout(
+        renames=(("layer{l}.{i}.shortcut.", "layer{l}.{i}.shortcut.0."), ("head.", "linear."), ("mean", "mu"),
+                 ("std", "sigma")),
+        definition="robustbench.model_zoo.architectures.resnet.PreActResNet(PreActBlockV2, [2, 2, 2, 2], "
+                   "num_classes={num_classes}, bn_before_fc=True)")
+    architecture = "PreActResNet-18"
 
     def __init__(self, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]):
         super().__init__(mean, std)

@@ -26,6 +26,7 @@ class SmallCNN(Classifier):
         super().__init__(mean, std)
         self._check_channels(in_channels)
         w = width
+        self.architecture = f"SmallCNN-{width}"
         self.layers = nn.Sequential(
             *_conv_bn_relu(in_channels, w),
             *_conv_bn_relu(w, w),

@@ -18,12 +18,14 @@ from ssat import distributed
 from ssat.artifacts import SelectionFiles
 from ssat.attacks.autoattack import MIN_CLASSES as AUTOATTACK_MIN_CLASSES
 from ssat.cache import StageCache, check_writable
+from ssat.checkpoints import ModelFile
 from ssat.config import build
 from ssat.errors import ConfigError
 from ssat.pipeline.runner import Runner, upstream
 from ssat.pipeline.stage import Stage
 from ssat.schema import check_config
-from ssat.pipeline.summary import RunSummary, format_stages, format_summary, selection_sha256, write_run_dir
+from ssat.pipeline.summary import (RunSummary, format_stages, format_summary, selection_sha256, write_run_dir,
+                                   write_stages)
 from ssat.selection.target import selection_target
 from ssat.stages import embed, evaluate, intermediate, pseudo_label, select, ssat
 from ssat.stages.data import DATA, POOL, load_data
@@ -34,8 +36,8 @@ log = logging.getLogger("ssat")
 
 def plan(selector, cfg: DictConfig) -> list[Stage]:
     """Every stage of this run, the selector's own pool stages (a guided DDPM's) in place of the data's pool."""
-    return [DATA, *(selector.pool_stages(cfg) or [POOL]), intermediate.STAGE, embed.STAGE, select.STAGE,
-            pseudo_label.STAGE, ssat.STAGE, evaluate.STAGE]
+    return [DATA, *intermediate.checkpoint_stages(cfg), *(selector.pool_stages(cfg) or [POOL]),
+            intermediate.stage(cfg), embed.STAGE, select.STAGE, pseudo_label.STAGE, ssat.STAGE, evaluate.STAGE]
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -55,7 +57,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results = runner.run(upstream(stages, cfg.stage) if cfg.get("stage") else stages)
     if cfg.get("stage"):
         log.info("stage %s and what it needs are done\n\n%s\n", cfg.stage, format_stages(results))
-        return {"stage": cfg.stage, "robust_acc": None}
+        record = write_stages(run_dir, cfg.stage, results) if distributed.rank() == 0 else {"stage": cfg.stage}
+        return {**record, "robust_acc": None}
     summary = summarise(cfg, selector, results, time.perf_counter() - started)
     if distributed.rank() == 0:
         write_run_dir(run_dir, results, summary)
@@ -75,15 +78,19 @@ def model_name(cfg: DictConfig) -> str:
 
 def check_before_work(cfg: DictConfig, selector, stages: list[Stage], data) -> None:
     """What can be wrong with this run's settings, found before any stage trains."""
-    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
-        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
-                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
+    check_autoattack(cfg, data)
     target = selection_target(cfg.selection.target)
     selector.check(len(target.candidates(data)), target.known_labels(data) is not None)
     selector.num_selected(cfg.budget, len(target.candidates(data)))
     for stage in stages:
         if stage.check is not None:
             stage.check(cfg, data)
+
+
+def check_autoattack(cfg: DictConfig, data) -> None:
+    if cfg.eval.autoattack.enabled and data.num_classes < AUTOATTACK_MIN_CLASSES:
+        raise ConfigError(f"eval.autoattack.enabled=true needs at least {AUTOATTACK_MIN_CLASSES} classes (APGD-T's "
+                          f"targeted DLR loss); the data set has {data.num_classes}: set eval.autoattack.enabled=false")
 
 
 def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> RunSummary:
@@ -110,11 +117,13 @@ def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> 
         autoattack_acc=evaluated.get("autoattack_acc"), autoattack_num_points=evaluated.get("autoattack_num_points"),
         autoattack_warnings=evaluated.get("autoattack_warnings", []), sanity=sanity, sanity_passed=sanity["passed"],
         pseudo_label_acc=results["pseudo_label"].info.get("pseudo_label_acc"),
-        intermediate_val_acc=results["intermediate"].info["best_val"], ssat_epochs=trained["epochs"],
+        intermediate_val_acc=results["intermediate"].info["best_val"],
+        checkpoints={name: {"path": r.value.path, "sha256": r.value.sha256} for name, r in results.items()
+                     if isinstance(r.value, ModelFile)}, ssat_epochs=trained["epochs"],
         ssat_best_epoch=trained["best_epoch"], ssat_epochs_to_convergence=trained["epochs_to_convergence"],
         ssat_early_stopped=trained["early_stopped"], ssat_ema=trained["ema"],
         timings={name: r.seconds for name, r in computed.items()},
-        selection_seconds=results["select"].seconds + trained.get("reselection_seconds", 0.0),
+        selection_seconds=results["select"].seconds + sum(r["seconds"] for r in trained.get("reselections") or []),
         reselections=trained.get("reselections"), total_seconds=sum(r.seconds for r in computed.values()),
         cached={name: r.cached for name, r in computed.items()},
         stage_keys={name: r.key for name, r in computed.items()},

@@ -100,8 +100,10 @@ def all_stages() -> dict[str, Stage]:
 
     stages = [data.DATA, data.POOL, intermediate.STAGE, embed.STAGE, select.STAGE, pseudo_label.STAGE, ssat.STAGE,
               evaluate.STAGE, generate.DDPM_PRETRAIN, generate.DDPM_SOURCE, generate.DDPM_FINETUNE, generate.SAMPLE,
-              generate.SAMPLE_PLAIN, generate.GENERATED_POOL]
-    return {("generated_pool" if s is generate.GENERATED_POOL else s.name): s for s in stages}
+              generate.SAMPLE_PLAIN, generate.GENERATED_POOL, intermediate.CHECKPOINT, generate.CLASSIFIER]
+    # Stages that stand in for another of the same name (a trained model's, the data's pool) under their own.
+    stand_ins = {"generated_pool": generate.GENERATED_POOL, "intermediate_from_checkpoint": intermediate.FROM_CHECKPOINT}
+    return {**{s.name: s for s in stages if s is not generate.GENERATED_POOL}, **stand_ins}
 
 
 def current() -> dict[str, dict]:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import torch
 
 from ssat.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ssat.data.sampler import SSATBatchSampler
+    from ssat.data.training_set import LabeledAndSelected
 
 
 @dataclass
@@ -47,6 +54,74 @@ class Selection:
     @property
     def num_boundary(self) -> int:
         return int(self.is_boundary.sum())
+
+    @classmethod
+    def everything(cls, n: int) -> "Selection":
+        """Every one of n candidates, unscored: what a selector that chooses during training hands on."""
+        return cls(np.arange(n, dtype=np.int64), np.full(n, np.nan), np.ones(n, dtype=np.float32),
+                   np.zeros(n, dtype=bool))
+
+
+@dataclass
+class TrainingSetup:
+    """What the SSAT stage gives a selector that re-chooses during training: the training set (labeled points,
+    then the selected candidates), its batch sampler, the training loss, the whole pool's images, the number of
+    points the budget buys (``size``, computed once by the select stage), the schedule's epochs, the seed and the
+    stage's folder."""
+
+    train_set: "LabeledAndSelected"
+    sampler: "SSATBatchSampler"
+    train_loss: Callable
+    pool_images: np.ndarray
+    size: int
+    epochs: int
+    seed: int
+    out_dir: Path
+
+    @property
+    def candidates(self) -> range:
+        """The training set's indices a selector chooses among: the pseudo-labeled candidates, or the labeled
+        points when there are none (selection.target=labeled)."""
+        if len(self.train_set.selection):
+            return range(self.train_set.num_labeled, len(self.train_set))
+        return range(self.train_set.num_labeled)
+
+    @property
+    def candidate_labels(self) -> np.ndarray:
+        return self.train_set.pseudo_labels if len(self.train_set.selection) else self.train_set.labeled_labels
+
+    def train_on(self, positions: np.ndarray | None, weights: np.ndarray | None = None,
+                 weighted: bool = False) -> None:
+        """Draw the candidates' part of every batch from ``positions`` (into the candidates; None: all of them).
+        ``weighted``: batches carry loss weights, ``weights`` on the positions (None: 1) and 0 on the other
+        candidates, for a loss that reads them (``WeightedLoss``); else the stage's loss sees none."""
+        subset = None if positions is None else torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        if len(self.train_set.selection):
+            self.sampler.unlabeled_subset = subset
+        else:
+            self.sampler.labeled_subset = subset
+        if not weighted:
+            self.train_set.weights = None
+            return
+        all_weights = np.ones(len(self.train_set), dtype=np.float32)
+        if positions is not None:
+            all_weights[self.candidates.start:self.candidates.stop] = 0.0
+            all_weights[self.candidates.start + np.asarray(positions)] = 1.0 if weights is None else weights
+        self.train_set.weights = all_weights
+
+
+@dataclass
+class DuringTraining:
+    """What a selector that re-chooses during training adds to the SSAT stage's training: a loss in place of the
+    stage's (None: the stage's), Lightning callbacks (their state is saved in last.ckpt, so a resumed run
+    continues their schedule), the number of epochs the trainer runs when the schedule skips some (None: all),
+    and what results.json records of it: ``reselections``, a list of {epoch, size, seconds} whose seconds count in
+    ``selection_seconds``, and a selector's own keys in the SSAT stage's record."""
+
+    loss: Callable | None = None
+    callbacks: tuple = ()
+    trained_epochs: int | None = None
+    summary: Callable[[], dict] = field(default=dict)
 
 
 def budget_size(budget: float, pool_size: int) -> int:
@@ -121,14 +196,16 @@ class Selector:
     """Base of the score-based selectors: subclasses implement ``score`` (lower = closer to the boundary).
 
     Capabilities that shape the pipeline, so that it never asks what a selector is: ``pool_stages(cfg)`` (the
-    stages that make the pool, for a generative selector; none: the data's pool) and
-    ``chooses_during_training`` (the selection is only the candidates; the SSAT stage chooses among them).
+    stages that make the pool, for a generative selector; none: the data's pool) and ``during_training(setup)``
+    (what it adds to SSAT's training when it re-chooses during training, as the adversarial coresets do; None:
+    it chooses once, in the select stage).
     """
-
-    chooses_during_training = False
 
     def pool_stages(self, cfg) -> list:
         return []
+
+    def during_training(self, setup: TrainingSetup) -> DuringTraining | None:
+        return None
 
     def __init__(self, name: str, boundary_fraction: float = 0.0, class_balanced: bool = False):
         if not 0 <= boundary_fraction <= 1:

@@ -36,6 +36,7 @@ from ssat.lightning.seeding import EpochSeed, loader_generator
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
 from ssat.stages.embed import selection_model
+from ssat.stages.model_file import file_stage
 from ssat.stages.training import TrainerFactory
 
 PROBE_SIZE = 64
@@ -204,9 +205,14 @@ def _source(ctx: StageContext, out: Path | None):
 DDPM_SOURCE = Stage("ddpm_source", _source, reads=("generation.pretrained",), cached=False)
 
 
+# generation.classifier=<file>: the guidance classifier is that file's model (built from `model`), not the
+# intermediate one (the release's older scripts guided with a robust SSAT model).
+CLASSIFIER = file_stage("guidance_classifier", "generation.classifier")
+
+
 def _finetune(ctx: StageContext, out: Path) -> dict[str, Any]:
     cfg, gen = ctx.cfg, ctx.cfg.generation
-    classifier = selection_model(ctx)
+    classifier = ctx.value(CLASSIFIER.name).model if CLASSIFIER.name in ctx.inputs else selection_model(ctx)
     return ddpm_finetune(ctx.value("data"), classifier, ctx.value("ddpm_source"), out, ctx.trainer_factory(),
                          build(cfg.selector).guidance, gen.lam, gen.finetune.epochs, gen.finetune.batch_size,
                          gen.finetune.lr, gen.finetune.bank_size, cfg.seed, ctx.device)
@@ -257,10 +263,13 @@ GENERATED_POOL = Stage("pool", _generated_pool, needs=("data", "sample"), cached
 
 
 def generation_stages(cfg) -> list[Stage]:
-    """The stages that make a generative selector's pool: (pretrain,) fine-tune, sample (and plain samples)."""
+    """The stages that make a generative selector's pool: (the guidance classifier's file, pretrain,) fine-tune,
+    sample (and plain samples)."""
     gen = cfg.generation
     plain = gen.plain_fraction > 0
     source = DDPM_SOURCE if gen.pretrained is not None else replace(DDPM_SOURCE, needs=("ddpm_pretrain",))
-    return [*(() if gen.pretrained is not None else (DDPM_PRETRAIN,)), source, DDPM_FINETUNE, SAMPLE,
-            *((SAMPLE_PLAIN,) if plain else ()),
+    own = gen.classifier != "intermediate"
+    finetune = replace(DDPM_FINETUNE, needs=("ddpm_source", CLASSIFIER.name, "data")) if own else DDPM_FINETUNE
+    return [*((CLASSIFIER,) if own else ()), *(() if gen.pretrained is not None else (DDPM_PRETRAIN,)), source,
+            finetune, SAMPLE, *((SAMPLE_PLAIN,) if plain else ()),
             replace(GENERATED_POOL, needs=("data", "sample", "sample_plain")) if plain else GENERATED_POOL]

@@ -1,7 +1,8 @@
 """Training losses: standard cross-entropy, TRADES and PGD-AT. Each maps (model, x, y) to (loss, logs).
 
 Labels of -1 mark unlabeled points without a pseudo-label: cross-entropy ignores them, TRADES' KL term
-covers every point.
+covers every point. Labels may also be distributions (B, K) (ssat.pseudo_labels=soft): cross-entropy is then to
+the distribution, -sum_k q_k log p_k, which is the hard loss when every q is one-hot.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ from ssat.errors import ConfigError
 
 
 def labeled_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the points with a label (zero when none has one, instead of NaN)."""
+    """Mean cross-entropy over the points with a label (zero when none has one, instead of NaN); to the
+    distributions when ``y`` holds them."""
     if not bool((y >= 0).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, y, ignore_index=-1)
+
+
+def point_cross_entropy(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-point cross-entropy (B,) from log-probabilities: 0 without a label, to the distribution when soft."""
+    if y.is_floating_point():
+        return -(y * log_p).sum(1)
+    return F.nll_loss(log_p, y, ignore_index=-1, reduction="none")
 
 
 def _check_attack(eps: float, alpha: float, steps: int) -> None:
@@ -74,7 +83,7 @@ class TradesLoss:
         """Per-point TRADES loss (B,): cross-entropy (0 without a label) plus beta times the point's KL."""
         log_p = F.log_softmax(model(x), dim=1)
         kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), log_p, reduction="none", log_target=True).sum(1)
-        return F.nll_loss(log_p, y, ignore_index=-1, reduction="none") + self.beta * kl
+        return point_cross_entropy(log_p, y) + self.beta * kl
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = self.adversarial_examples(model, x)
@@ -99,7 +108,7 @@ class PGDATLoss:
 
     def sample_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Per-point cross-entropy at the adversarial example (B,), 0 without a label."""
-        return F.cross_entropy(model(x_adv), y, ignore_index=-1, reduction="none")
+        return point_cross_entropy(F.log_softmax(model(x_adv), dim=1), y)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = pgd_attack(model, x, y, self.eps, self.alpha, self.steps, random_start=True)

@@ -3,6 +3,7 @@
     python experiments/regime_map.py --dataset digits --out experiments/results/regime_map_digits
     python experiments/regime_map.py --dataset cifar10 --data data/cifar10 --out experiments/results/regime_map_cifar10
     python experiments/regime_map.py --quick --out /tmp/regime_map          # a tiny digits map (the CI test)
+    python experiments/regime_map.py --dataset cifar10_gpu --data data/cifar10 --out experiments/results/regime_map_gpu
 
 The strength of the intermediate model is varied by the size of the labeled set (``--labeled``); the pool is the
 same at every size (``pool.pool_first=true``: ``--pool`` images drawn, with their labels hidden, before the labeled
@@ -51,6 +52,19 @@ PRESETS = {
                 "overrides": ["experiment=cifar10_small", "dataset.root={data}", "intermediate.epochs=10",
                               "ssat.epochs=4", "ssat.batches_per_epoch=8", "test_size=500",
                               "eval.sanity.num_points=100", "eval.sanity.noise_samples=2"]},
+    # The strong end on one GPU (about 10 minutes on an H100-class GPU, by estimate: not run yet): 40,000 labeled
+    # images give an intermediate model near the paper's regime, a pool of 8,000 from the rest, PreAct ResNet-18 in
+    # bf16, TRADES with 5 steps, 6 SSAT epochs of 100 batches of 256; random against lcs_km and adaptive lcs_km.
+    "cifar10_gpu": {"labeled": [40000], "pool": 8000, "seeds": [0], "every": 2,
+                    "methods": ["random", "lcs_km", "lcs_km_adaptive"],
+                    "overrides": ["dataset=image_folder", "dataset.root={data}", "dataset.name=cifar10_jpeg",
+                                  "dataset.image_size=32", "dataset.mean=[0.4914,0.4822,0.4465]",
+                                  "dataset.std=[0.2471,0.2435,0.2616]", "model=preact_resnet18", "trainer=gpu",
+                                  "val_size=1024", "test_size=2000", "intermediate.epochs=15",
+                                  "intermediate.batch_size=256", "embed.batch_size=1024", "ssat.epochs=6",
+                                  "ssat.batch_size=256", "ssat.batches_per_epoch=100", "ssat.optim.schedule=cosine",
+                                  "attack.steps=5", "attack.alpha=0.008", "eval.pgd.steps=20",
+                                  "eval.autoattack.enabled=false", "eval.batch_size=1000", "loader.num_workers=4"]},
     # the CI test's map: every method and code path in a couple of minutes
     "quick": {"labeled": [30, 200], "pool": 300, "seeds": [0], "every": 1,
               "overrides": ["intermediate.epochs=3", "ssat.epochs=3", "ssat.batches_per_epoch=2", "attack.steps=2",
@@ -59,11 +73,15 @@ PRESETS = {
 }
 
 
+def method_overrides(method: str, preset: dict, data: Path) -> list[str]:
+    """The overrides every run of ``method`` in ``preset`` gets (sizes, seeds and paths aside)."""
+    return [o.format(every=preset["every"], data=data) for o in
+            [*COMMON, *preset["overrides"], *METHODS[method], f"pool.num_unlabeled={preset['pool']}"]]
+
+
 def run_method(method: str, preset: dict, args: argparse.Namespace) -> float:
     """One Hydra multirun over the sizes and seeds for one method; returns its wall seconds."""
-    overrides = [o.format(every=preset["every"], data=args.data) for o in
-                 [*COMMON, *preset["overrides"], *METHODS[method]]]
-    cmd = [sys.executable, "-m", "ssat.run", "-m", *overrides, f"pool.num_unlabeled={preset['pool']}",
+    cmd = [sys.executable, "-m", "ssat.run", "-m", *method_overrides(method, preset, args.data),
            f"pool.num_labeled={','.join(map(str, preset['labeled']))}", f"seed={','.join(map(str, preset['seeds']))}",
            f"cache_dir={args.cache_dir}", f"hydra.sweep.dir={args.out / 'runs' / method}",
            "hydra.sweep.subdir=labeled${pool.num_labeled}_seed${seed}", *args.overrides]
@@ -200,12 +218,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    parser.add_argument("--dataset", choices=("digits", "cifar10", "cifar10_gpu"), default="digits")
     parser.add_argument("--quick", action="store_true", help="the tiny digits map the CI test runs")
     parser.add_argument("--data", type=Path, default=Path("data/cifar10"), help="CIFAR-10 in ImageFolder layout")
     parser.add_argument("--labeled", type=int, nargs="+", help="labeled-set sizes (default: the preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the preset's)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--pool", type=int, help="pool size (default: the preset's)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: the preset's, else all")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, help="stage cache shared by the runs (default: OUT/cache)")
     parser.add_argument("--table-only", action="store_true", help="summarise the runs already under OUT")
@@ -215,10 +234,12 @@ def main() -> None:
     preset = dict(PRESETS["quick" if args.quick else args.dataset])
     preset["labeled"] = args.labeled or preset["labeled"]
     preset["seeds"] = args.seeds if args.seeds is not None else preset["seeds"]
+    preset["pool"] = args.pool or preset["pool"]
+    args.methods = args.methods or preset.get("methods", list(METHODS))
     args.data, args.out = args.data.resolve(), args.out.resolve()
     args.cache_dir = (args.cache_dir or args.out / "cache").resolve()
     if not args.table_only:
-        if args.dataset == "cifar10" and not args.quick and not (args.data / "train").is_dir():
+        if args.dataset.startswith("cifar10") and not args.quick and not (args.data / "train").is_dir():
             raise SystemExit(f"regime_map: error: no train/ folder under {args.data}; extract the archive with "
                              f"`mkdir -p {args.data} && tar -xzf shared/datasets/cifar10-jpeg.tar.gz -C {args.data}`")
         start = time.perf_counter()

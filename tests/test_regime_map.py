@@ -29,3 +29,26 @@ def test_the_quick_regime_map_runs_every_method_and_writes_the_table_and_plot(tm
     table = (out / "table.md").read_text()
     assert "- 30 labeled (intermediate val acc" in table and "- 200 labeled" in table
     assert (out / "regime_map.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("preset", ["digits", "cifar10", "cifar10_gpu", "quick"])
+def test_every_preset_and_method_composes_and_passes_the_schema(preset, tmp_path):
+    """The presets' runs, the GPU one included (on trainer=cpu here: no GPU), are valid configs whose selector and
+    model build, at the preset's largest labeled size."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from regime_map import METHODS, PRESETS, method_overrides
+
+    from conftest import compose
+    from ssat.config import build
+    from ssat.schema import check_config
+
+    settings = PRESETS[preset]
+    for method in settings.get("methods", list(METHODS)):
+        overrides = method_overrides(method, settings, tmp_path)
+        cfg = compose(*overrides, f"pool.num_labeled={max(settings['labeled'])}", "trainer=cpu")
+        check_config(cfg)
+        if cfg.dataset.num_classes is None:
+            cfg.dataset.num_classes = 10  # filled in from the class folders when the data is read
+        assert build(cfg.selector).name == cfg.selector.name
+        build(cfg.model)
+        assert cfg.ssat.early_stopping.patience is None and cfg.ssat.batches_per_epoch is not None

@@ -193,3 +193,18 @@ def test_kill_9_mid_schedule_then_rerun_ends_with_the_uninterrupted_selections(t
     expected = selections(straight.run_dir)
     assert [r["epoch"] for r in expected["reselections"]] == [1, 3]
     assert selections(run_dir) == expected
+
+
+@pytest.mark.slow
+def test_reselection_under_ddp_embeds_on_both_ranks_and_trains_on_one_selection(tmp_path):
+    """trainer=ddp with two CPU processes: each re-selection's embedding is sharded over the ranks (the ranks meet
+    at its barriers), rank 0 chooses, and the SSAT stage records the re-selections once."""
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    run = run_ssat(*ddp, "selector.reselect_every=1", "ssat.epochs=3", "ssat.batches_per_epoch=2",
+                   run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    results = run.results
+    assert [r["epoch"] for r in results["reselections"]] == [1, 2]
+    output = run.proc.stdout + run.proc.stderr
+    assert output.count("reselect lcs_km:") == 2  # rank 0 logs; the other rank only warns
+    folder = Path(results["stage_dirs"]["ssat"])
+    assert sorted(Reselections.load(folder)) == [1, 2] and not list(folder.glob("reselect/rank*"))

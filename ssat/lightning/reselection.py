@@ -40,6 +40,8 @@ class AdaptiveReselection(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Runs before last.ckpt is saved (the trainer calls checkpoint callbacks last), so it holds the result."""
         epoch = trainer.current_epoch + 1
+        if trainer.should_stop:  # early stopping: no epoch follows
+            return
         if epoch in self.epochs and all(entry["epoch"] != epoch for entry in self.history):
             self.reselect(evaluated_model(trainer, pl_module), pl_module.device, epoch)
 

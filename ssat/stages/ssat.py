@@ -21,7 +21,7 @@ from ssat.pipeline.stage import Stage
 from ssat.selection.base import PoolView, Selector, TrainingSetup
 from ssat.selection.labels import TrainingLabels
 from ssat.selection.target import selection_target
-from ssat.stages.pseudo_label import given_labels
+from ssat.stages import pseudo_label as pseudo_label_stage  # the module: the two meet through ssat.pipeline
 from ssat.stages.training import FitSettings, TrainerFactory, TrainingJob, fit
 
 
@@ -78,7 +78,8 @@ def pool_view(ctx: StageContext) -> PoolView | None:
     target, data, cfg = selection_target(ctx.cfg.selection.target), ctx.value("pool"), ctx.cfg
     if target.known_labels(data) is not None:
         return None
-    labels = TrainingLabels(cfg.ssat.pseudo_labels, cfg.ssat.pseudo_label_temperature, given_labels(ctx))
+    labels = TrainingLabels(cfg.ssat.pseudo_labels, cfg.ssat.pseudo_label_temperature,
+                            pseudo_label_stage.given_labels(ctx))
     return PoolView(Embedding.load(ctx.path("embed")).logits, labels, target.hidden_labels(data),
                     cfg.embed.batch_size, cfg.embed.dtype)
 

@@ -205,7 +205,8 @@ def plot(rows: list[dict], path: Path) -> None:
         errors = [pstdev(r["gain_over_random"]) for r in mine]
         for axis, key in zip(axes, ("intermediate_val_acc", "final_pseudo_label_acc")):
             axis.errorbar([mean(r[key]) for r in mine], gains, yerr=errors, marker="o", capsize=3, label=method)
-    for axis, label in zip(axes, ("intermediate model's validation accuracy", "pseudo-label accuracy of the selection")):
+    labels = ("intermediate model's validation accuracy", "pseudo-label accuracy of the selection")
+    for axis, label in zip(axes, labels):
         axis.axhline(0.0, color="grey", lw=0.8)
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)

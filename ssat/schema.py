@@ -28,6 +28,7 @@ from ssat.attacks.pgd import LOSSES
 from ssat.errors import ConfigError
 from ssat.generation.sampling import SAMPLERS
 from ssat.lightning.classifier import SCHEDULES
+from ssat.selection.labels import KINDS
 from ssat.selection.target import TARGETS
 
 
@@ -108,6 +109,8 @@ class Ssat:
     optim: Optim
     ema: Ema
     early_stopping: EarlyStopping
+    pseudo_labels: str = field(metadata=one_of(KINDS))
+    pseudo_label_temperature: float = field(metadata=between(0, open_low=True))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Training losses: standard cross-entropy, TRADES and PGD-AT. Each maps (model, x, y) to (loss, logs).
 
 Labels of -1 mark unlabeled points without a pseudo-label: cross-entropy ignores them, TRADES' KL term
-covers every point.
+covers every point. Labels may also be distributions (B, K) (ssat.pseudo_labels=soft): cross-entropy is then to
+the distribution, -sum_k q_k log p_k, which is the hard loss when every q is one-hot.
 """
 
 from __future__ import annotations
@@ -21,12 +22,26 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def labeled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the points with a label (zero when none has one, instead of NaN); with label
-    smoothing s the target is 1 - s on the label plus s / C on every class (PyTorch's, the same as
-    DM-Improves-AT's SmoothCrossEntropyLoss)."""
+    """Mean cross-entropy over the points with a label (zero when none has one, instead of NaN), to the
+    distributions when ``y`` holds them; with label smoothing s the target is 1 - s on the label plus s / C on
+    every class (PyTorch's, the same as DM-Improves-AT's SmoothCrossEntropyLoss)."""
     if not bool((y >= 0).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=label_smoothing)
+
+
+def point_cross_entropy(log_p: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-point cross-entropy (B,) from log-probabilities: 0 without a label, to the distribution when soft, the
+    target smoothed as in ``labeled_cross_entropy``."""
+    if not y.is_floating_point() and not label_smoothing:
+        return F.nll_loss(log_p, y, ignore_index=-1, reduction="none")
+    if y.is_floating_point():
+        target = y.to(log_p.dtype)
+    else:
+        target = F.one_hot(y.clamp_min(0), log_p.shape[1]).to(log_p.dtype) * (y >= 0).unsqueeze(1)
+    if label_smoothing:  # rows without a label stay all zero
+        target = (1 - label_smoothing) * target + label_smoothing / log_p.shape[1] * target.sum(1, keepdim=True)
+    return -(target * log_p.masked_fill(target == 0, 0.0)).sum(1)
 
 
 def _check_attack(eps: float, alpha: float, steps: int) -> None:
@@ -101,11 +116,9 @@ class TradesLoss:
 
     def sample_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Per-point TRADES loss (B,): cross-entropy (0 without a label) plus beta times the point's KL."""
-        logits = model(x)
-        log_p = log_probs(logits)
+        log_p = log_probs(model(x))
         kl = F.kl_div(log_probs(model(x_adv)), log_p, reduction="none", log_target=True).sum(1)
-        natural = F.cross_entropy(logits, y, ignore_index=-1, reduction="none", label_smoothing=self.label_smoothing)
-        return natural + self.beta * kl
+        return point_cross_entropy(log_p, y, self.label_smoothing) + self.beta * kl
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = self.adversarial_examples(model, x)
@@ -130,7 +143,7 @@ class PGDATLoss:
 
     def sample_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Per-point cross-entropy at the adversarial example (B,), 0 without a label."""
-        return F.cross_entropy(model(x_adv), y, ignore_index=-1, reduction="none")
+        return point_cross_entropy(log_probs(model(x_adv)), y)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = pgd_attack(model, x, y, self.eps, self.alpha, self.steps, random_start=True)

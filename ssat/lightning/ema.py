@@ -7,6 +7,7 @@ the live weights in its state_dict (for resuming) and the average under ``callba
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -98,3 +99,14 @@ class EMA(Callback):
         """The averaged LightningModule state_dict of a checkpoint written with this callback, else None."""
         state = checkpoint.get("callbacks", {}).get(cls.__qualname__)
         return state["ema"] if state else None
+
+
+def evaluated_model(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.nn.Module:
+    """The network validation sees: a copy holding the EMA's averaged weights when an EMA callback averages
+    them, else the module's own network."""
+    ema = next((cb.ema for cb in trainer.callbacks if isinstance(cb, EMA) and cb.ema is not None), None)
+    if ema is None:
+        return pl_module.model
+    model = copy.deepcopy(pl_module.model)
+    model.load_state_dict({k[len("model."):]: v for k, v in ema.items() if k.startswith("model.")})
+    return model

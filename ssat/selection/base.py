@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ssat.errors import ConfigError
+from ssat.selection.labels import TrainingLabels
 
 if TYPE_CHECKING:
     from ssat.data.sampler import SSATBatchSampler
@@ -62,12 +63,27 @@ class Selection:
                    np.zeros(n, dtype=bool))
 
 
+@dataclass(frozen=True)
+class PoolView:
+    """What a selector that re-embeds the pool during training needs beside its images: the intermediate model's
+    logits (the labels a re-selection keeps unless it relabels), the labelling rule (``ssat.pseudo_labels``), the
+    hidden labels when known (for the pseudo-label accuracy of each re-selection) and the embed stage's batch size
+    and feature dtype."""
+
+    intermediate_logits: np.ndarray
+    labels: TrainingLabels
+    hidden_labels: np.ndarray | None = None
+    embed_batch_size: int = 512
+    embed_dtype: str = "float32"
+
+
 @dataclass
 class TrainingSetup:
     """What the SSAT stage gives a selector that re-chooses during training: the training set (labeled points,
     then the selected candidates), its batch sampler, the training loss, the whole pool's images, the number of
-    points the budget buys (``size``, computed once by the select stage), the schedule's epochs, the seed and the
-    stage's folder."""
+    points the budget buys (``size``, computed once by the select stage), the schedule's epochs, the seed, the
+    stage's folder and, for a selector that re-embeds the pool, ``pool`` (None when the candidates are the labeled
+    set)."""
 
     train_set: "LabeledAndSelected"
     sampler: "SSATBatchSampler"
@@ -77,6 +93,7 @@ class TrainingSetup:
     epochs: int
     seed: int
     out_dir: Path
+    pool: PoolView | None = None
 
     @property
     def candidates(self) -> range:
@@ -199,24 +216,51 @@ class Selector:
     stages that make the pool, for a generative selector; none: the data's pool) and ``during_training(setup)``
     (what it adds to SSAT's training when it re-chooses during training, as the adversarial coresets do; None:
     it chooses once, in the select stage).
+
+    Adaptive selection: with ``reselect_every`` m, a score-based selector re-chooses the budget during SSAT with
+    the current model, at epochs ``reselect_warmup`` (default m), then every m epochs (``Reselection``);
+    ``relabel`` gives the new selection the current model's labels instead of the intermediate model's.
     """
 
     def pool_stages(self, cfg) -> list:
         return []
 
     def during_training(self, setup: TrainingSetup) -> DuringTraining | None:
-        return None
+        """Adaptive selection's callback when ``reselect_every`` is set; else the selection is final."""
+        if self.reselect_every is None:
+            return None
+        from ssat.lightning.reselection import AdaptiveReselection
 
-    def __init__(self, name: str, boundary_fraction: float = 0.0, class_balanced: bool = False):
+        reselection = AdaptiveReselection(self, setup, self.reselect_epochs(setup.epochs))
+        return DuringTraining(callbacks=(reselection,), summary=reselection.summary)
+
+    def __init__(self, name: str, boundary_fraction: float = 0.0, class_balanced: bool = False,
+                 reselect_every: int | None = None, reselect_warmup: int | None = None, relabel: bool = False):
         if not 0 <= boundary_fraction <= 1:
             raise ConfigError(f"selector.boundary_fraction={boundary_fraction} is outside [0, 1]")
+        if reselect_every is not None and reselect_every < 1:
+            raise ConfigError(f"selector.reselect_every={reselect_every} must be at least 1 (null: choose once)")
+        if reselect_warmup is not None and reselect_warmup < 1:
+            raise ConfigError(f"selector.reselect_warmup={reselect_warmup} must be at least 1 "
+                              f"(null: selector.reselect_every)")
         self.name = name
         self.boundary_fraction = boundary_fraction
         self.class_balanced = class_balanced
+        self.reselect_every, self.reselect_warmup, self.relabel = reselect_every, reselect_warmup, relabel
+
+    def reselect_epochs(self, epochs: int) -> list[int]:
+        """The SSAT epochs that start on a re-selection: warm-up w (default m), w + m, ... before ``epochs``."""
+        if self.reselect_every is None:
+            return []
+        first = self.reselect_every if self.reselect_warmup is None else self.reselect_warmup
+        return list(range(first, epochs, self.reselect_every))
 
     def check(self, num_candidates: int, has_labels: bool) -> None:
         """Settings that depend on the candidates (their number, whether they are labeled), checked before
-        any training; the default selector needs nothing."""
+        any training: a re-selection re-chooses among pool points."""
+        if self.reselect_every is not None and has_labels:
+            raise ConfigError(f"selector.reselect_every={self.reselect_every} re-chooses pool points during SSAT; "
+                              f"selection.target=labeled has none (use selection.target=pool)")
 
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray | None:
         raise NotImplementedError
@@ -225,7 +269,10 @@ class Selector:
         return budget_size(budget, pool_size)
 
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
-        n = self.num_selected(budget, len(pool))
+        return self.choose_n(pool, self.num_selected(budget, len(pool)), seed)
+
+    def choose_n(self, pool: PoolEmbedding, n: int, seed: int) -> Selection:
+        """n points by the boundary/random rule on this selector's scores (a re-selection's n is the budget's)."""
         scores = self.score(pool, seed) if self.boundary_fraction > 0 else None
         rng = np.random.default_rng(seed)
         if self.class_balanced:

@@ -43,7 +43,8 @@ def last_layer_gradients(model: nn.Module, loss, batches: Iterable, device: torc
     with eval_mode(model), torch.enable_grad():
         for images, labels in batches:
             x = torch.as_tensor(np.asarray(images)).to(device).float() / 255
-            y = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
+            y = torch.as_tensor(np.asarray(labels)).to(device)
+            y = y if y.is_floating_point() else y.long()  # label distributions (soft pseudo-labels) as they are
             x_adv = loss.attack(model, x, y)
             seen: list[tuple[torch.Tensor, torch.Tensor]] = []
             hook = model.head.register_forward_hook(lambda module, inputs, out: seen.append((inputs[0], out)))

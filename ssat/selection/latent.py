@@ -34,8 +34,8 @@ class KMeansMarginSelector(Selector):
 
     def __init__(self, name: str = "lcs_km", boundary_fraction: float = 0.4, n_clusters: int = 10,
                  niter: int = 25, nredo: int = 3, sample_size: int = SEEDING_SAMPLE, max_passes: int | None = None,
-                 class_balanced: bool = False):
-        super().__init__(name, boundary_fraction, class_balanced)
+                 class_balanced: bool = False, **reselection):
+        super().__init__(name, boundary_fraction, class_balanced, **reselection)
         if n_clusters < 2:
             raise ConfigError(f"selector.n_clusters={n_clusters} must be at least 2 for a margin")
         if sample_size < n_clusters:
@@ -75,8 +75,8 @@ class GMMSelector(Selector):
                  covariance_type: str = "full", score: str = "loglik", max_iter: int = 100,
                  reg_covar: float = 1e-6, tol: float = 1e-3, backend: str = "torch", pca_dim: int | None = None,
                  max_fit_points: int | None = None, batch_size: int = 65536, device: str | None = None,
-                 class_balanced: bool = False):
-        super().__init__(name, boundary_fraction, class_balanced)
+                 class_balanced: bool = False, **reselection):
+        super().__init__(name, boundary_fraction, class_balanced, **reselection)
         if score not in GMM_SCORES:
             raise ConfigError(f"selector.score={score!r} is not one of {', '.join(GMM_SCORES)}")
         if n_components < 2 and score == "posterior_gap":

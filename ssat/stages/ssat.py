@@ -11,15 +11,17 @@ import numpy as np
 from torch import nn
 
 from ssat import distributed
-from ssat.artifacts import PseudoLabels, SelectionFiles
+from ssat.artifacts import Embedding, PseudoLabels, SelectionFiles
 from ssat.config import build
 from ssat.data.sampler import SSATBatchSampler
 from ssat.data.splits import SemiSupervisedData
 from ssat.data.training_set import LabeledAndSelected
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
-from ssat.selection.base import Selector, TrainingSetup
+from ssat.selection.base import PoolView, Selector, TrainingSetup
+from ssat.selection.labels import TrainingLabels
 from ssat.selection.target import selection_target
+from ssat.stages import pseudo_label as pseudo_label_stage  # the module: the two meet through ssat.pipeline
 from ssat.stages.training import FitSettings, TrainerFactory, TrainingJob, fit
 
 
@@ -36,18 +38,20 @@ class SSATSettings:
 
 def train_ssat(model: nn.Module, data: SemiSupervisedData, selection: np.ndarray, pseudo_labels: np.ndarray,
                selector: Selector, num_selected: int, train_loss: Callable, settings: SSATSettings,
-               fit_settings: FitSettings, out_dir: Path, make_trainer: TrainerFactory) -> dict[str, Any]:
+               fit_settings: FitSettings, out_dir: Path, make_trainer: TrainerFactory,
+               soft_labels: np.ndarray | None = None, pool: PoolView | None = None) -> dict[str, Any]:
     """Writes checkpoints/{best,last}.ckpt and model.pt (best by validation PGD accuracy, EMA weights if ema).
 
-    A selector that re-chooses during training (``Selector.during_training``) gets the training set, its sampler
-    and the budget's ``num_selected`` points, and adds its loss, callbacks and schedule of epochs."""
+    ``soft_labels``: the selection's label distributions (ssat.pseudo_labels=soft). A selector that re-chooses
+    during training (``Selector.during_training``) gets the training set, its sampler, the budget's
+    ``num_selected`` points and the ``pool``'s view, and adds its loss, callbacks and schedule of epochs."""
     train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels, data.pool_images, selection,
-                                   pseudo_labels)
+                                   pseudo_labels, soft_labels)
     sampler = SSATBatchSampler(train_set.num_labeled, len(selection), settings.batch_size, settings.unsup_fraction,
                                settings.batches_per_epoch, seed=settings.seed, rank=distributed.rank(),
                                world_size=distributed.world_size())
     setup = TrainingSetup(train_set, sampler, train_loss, data.pool_images, num_selected, fit_settings.epochs,
-                          settings.seed, out_dir)
+                          settings.seed, out_dir, pool)
     job = TrainingJob("ssat", model, train_loss, train_set, sampler, data.val_images, data.val_labels, out_dir,
                       make_trainer)
     return fit(job, fit_settings, selector.during_training(setup))
@@ -68,14 +72,27 @@ def _training_data(ctx: StageContext):
                                 PseudoLabels.load(ctx.path("pseudo_label")))
 
 
+def pool_view(ctx: StageContext) -> PoolView | None:
+    """The pool as a re-selection sees it (None when the candidates are the labeled set): the intermediate model's
+    logits, the labelling rule of the pseudo-label stage, the hidden labels and the embed stage's settings."""
+    target, data, cfg = selection_target(ctx.cfg.selection.target), ctx.value("pool"), ctx.cfg
+    if target.known_labels(data) is not None:
+        return None
+    labels = TrainingLabels(cfg.ssat.pseudo_labels, cfg.ssat.pseudo_label_temperature,
+                            pseudo_label_stage.given_labels(ctx))
+    return PoolView(Embedding.load(ctx.path("embed")).logits, labels, target.hidden_labels(data),
+                    cfg.embed.batch_size, cfg.embed.dtype)
+
+
 def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     train_data, selection, labels = _training_data(ctx)
+    soft = PseudoLabels.load_soft(ctx.path("pseudo_label")) if len(selection) else None
     settings = SSATSettings(cfg.ssat.batch_size, cfg.ssat.unsup_fraction, cfg.ssat.batches_per_epoch, cfg.seed)
     L.seed_everything(cfg.seed, verbose=False)
     return train_ssat(build(cfg.model), train_data, selection, labels, build(cfg.selector),
                       ctx.inputs["select"].info["selected"], build(cfg.attack), settings, fit_settings(cfg), out,
-                      ctx.trainer_factory())
+                      ctx.trainer_factory(), soft, pool_view(ctx))
 
 
 def _describe(ctx: StageContext) -> str:
@@ -84,7 +101,7 @@ def _describe(ctx: StageContext) -> str:
             f"{ctx.cfg.ssat.epochs} epochs")
 
 
-STAGE = Stage("ssat", _run, needs=("pool", "select", "pseudo_label"), every_rank=True, describe=_describe,
+STAGE = Stage("ssat", _run, needs=("pool", "embed", "select", "pseudo_label"), every_rank=True, describe=_describe,
               version=2,  # 2: TRADES' log-softmaxes in fp32 (bf16 runs change; fp32 runs compute the same)
               code=("ssat.models", "ssat.attacks", "ssat.selection", "ssat.lightning"),
               reads=("model", "ssat", "attack", "selector", "budget", "seed", "trainer", "selection.target",

@@ -31,11 +31,14 @@ def eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Data
 
 
 def train_loader(train_set: LabeledAndSelected, sampler: SSATBatchSampler, num_workers: int = 0,
-                 pin_memory: bool = True) -> DataLoader:
+                 pin_memory: bool = True, changing: bool = False) -> DataLoader:
     """uint8 batches read whole (one __getitems__ per batch) by ``num_workers`` processes ahead of the model;
-    pinned when a GPU is present so that the copy to it overlaps compute. The workers draw nothing random."""
+    pinned when a GPU is present so that the copy to it overlaps compute. The workers draw nothing random.
+    ``changing``: a selector changes the training set between epochs, so the workers are started afresh each
+    epoch (with a copy of it as it then is) instead of kept."""
     return DataLoader(train_set, batch_sampler=sampler, collate_fn=batch_as_is, num_workers=num_workers,
-                      pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory and torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0 and not changing,
                       prefetch_factor=4 if num_workers > 0 else None, generator=loader_generator())
 
 
@@ -96,7 +99,10 @@ def fit(job: TrainingJob, settings: FitSettings, during: DuringTraining | None =
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                  auto_insert_metric_name=False, enable_version_counter=False)
     # Not save_last=True: Lightning then rewrites last.ckpt only in the epochs that improve best.ckpt.
-    every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
+    # Saved at the end of the training epoch, after every other callback's on_train_epoch_end (the trainer calls
+    # checkpoint callbacks last), so that it holds what a selector re-chose there.
+    every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False,
+                                  save_on_train_epoch_end=True)
     # the sampler holds the stage seed
     callbacks = [EpochSeed(sampler.seed), checkpoint, every_epoch, *during.callbacks]
     if ema:
@@ -107,8 +113,8 @@ def fit(job: TrainingJob, settings: FitSettings, during: DuringTraining | None =
     val_loader = eval_loader(job.val_images, job.val_labels, settings.eval_batch_size)
     last = ckpt_dir / ModelWeights.LAST
     try:
-        trainer.fit(module, train_loader(train_set, sampler, **(settings.loader or {})), val_loader,
-                    ckpt_path=last if last.exists() else None)
+        loader = train_loader(train_set, sampler, **(settings.loader or {}), changing=bool(during.callbacks))
+        trainer.fit(module, loader, val_loader, ckpt_path=last if last.exists() else None)
     except TrainingDiverged as err:
         kept = f"the last good checkpoint is kept: {last}" if last.exists() else "no epoch had finished"
         raise TrainingDiverged(f"{job.stage}: {err}; {kept}") from None

@@ -7,6 +7,7 @@ import csv
 import logging
 import math
 import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,8 @@ class Records(logging.Handler):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's inductor needs a C++ compiler on CPU")
+@pytest.mark.skipif(shutil.which("g++") is None or not Path(sysconfig.get_paths()["include"], "Python.h").is_file(),
+                    reason="torch.compile's inductor needs a C++ compiler and Python's headers on CPU")
 def test_compile_runs_the_pipeline_compiled_without_graph_breaks_or_reaching_the_recompile_limit(tmp_path):
     """trainer.compile=true with bf16 autocast (trainer=gpu's precision) through intermediate training, TRADES with
     the EMA, validation PGD and the evaluation: the model's forward compiles whole (no graph break), and the

@@ -143,7 +143,7 @@ class PGDATLoss:
 
     def sample_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Per-point cross-entropy at the adversarial example (B,), 0 without a label."""
-        return point_cross_entropy(F.log_softmax(model(x_adv), dim=1), y)
+        return point_cross_entropy(log_probs(model(x_adv)), y)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         x_adv = pgd_attack(model, x, y, self.eps, self.alpha, self.steps, random_start=True)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssat.selection.base import PoolEmbedding, Selection
+from ssat.selection.types import PoolEmbedding, Selection
 
 
 class ModelWeights:

@@ -54,15 +54,15 @@ def ssat_lines(caplog) -> list[str]:
 
 
 def test_one_line_per_epoch_with_the_metrics_and_one_per_interval_within_it(tmp_path, caplog):
-    """Ten 12-second batches an epoch with a 30 s interval: lines after batches 3, 6 and 9 (36 s after the last
-    line each), then the epoch's line with the training and validation metrics; nothing else."""
+    """Ten 15-second batches an epoch with a 30 s interval: lines after batches 2, 4, 6 and 8, then (not after batch
+    10, the epoch's last) the epoch's line with the training and validation metrics; nothing else."""
     clock = FakeClock()
     torch.manual_seed(0)
     images = torch.randint(0, 256, (80, 1, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 10, (80,))
     train = DataLoader(TensorDataset(images, labels), batch_size=8)
     val = DataLoader(TensorDataset(images[:16].float() / 255, labels[:16]), batch_size=8)
-    module = RobustClassifierModule(SmallCNN(1, 10, [0.3], [0.4], width=8), TickingLoss(clock, 12.0),
+    module = RobustClassifierModule(SmallCNN(1, 10, [0.3], [0.4], width=8), TickingLoss(clock, 15.0),
                                     {"lr": 0.01}, epochs=2)
     trainer = build_trainer(accelerator="cpu", devices=1, max_epochs=2, callbacks=[LineProgressBar(30.0, clock)],
                             logger=CSVLogger(str(tmp_path), name="intermediate"), enable_checkpointing=False,
@@ -73,13 +73,13 @@ def test_one_line_per_epoch_with_the_metrics_and_one_per_interval_within_it(tmp_
     lines = ssat_lines(caplog)
     expected = []
     for epoch in (1, 2):
-        expected += [f"intermediate epoch {epoch}/2, batch {b}/10, {12 * b:.1f} s" for b in (3, 6, 9)]
-        expected.append(f"intermediate epoch {epoch}/2, 10 batches, 120.0 s")
+        expected += [f"intermediate epoch {epoch}/2, batch {b}/10, {15 * b:.1f} s" for b in (2, 4, 6, 8)]
+        expected.append(f"intermediate epoch {epoch}/2, 10 batches, 150.0 s")
     assert [line.split(":")[0] for line in lines] == expected
     for line in lines:
         assert re.search(r"train/loss=\d", line), line
         assert "v_num" not in line
-    assert "val/acc=" in lines[3] and "val/acc=" in lines[7], "the epoch's line carries the validation metrics"
+    assert "val/acc=" in lines[4] and "val/acc=" in lines[9], "the epoch's line carries the validation metrics"
 
 
 def test_build_trainer_keeps_the_live_bar_on_a_terminal_and_writes_lines_elsewhere(tmp_path, monkeypatch):

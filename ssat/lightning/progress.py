@@ -71,8 +71,9 @@ class LineProgressBar(ProgressBar):
                            batch_idx: int) -> None:
         self._batches += 1
         now = self.clock()
-        if self.enabled and now - self._last >= self.interval:
-            total = self.total_train_batches
+        total = self.total_train_batches
+        last = math.isfinite(total) and batch_idx + 1 >= total  # the epoch's own line follows
+        if self.enabled and not last and now - self._last >= self.interval:
             of = f"/{int(total)}" if math.isfinite(total) else ""
             self._line(trainer, pl_module, f"batch {batch_idx + 1}{of}", now)
 

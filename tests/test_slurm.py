@@ -57,6 +57,9 @@ TWO_NODES_OF_EIGHT = {"SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM
 def test_ddp_in_a_slurm_job_of_several_tasks_takes_the_jobs_tasks_and_nodes(monkeypatch):
     for name, value in TWO_NODES_OF_EIGHT.items():
         monkeypatch.setenv(name, value)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # Lightning writes the group's address into os.environ: undone after
+        monkeypatch.setenv(name, "")            # the test, or the later runs' ranks would look for gpu3
+        monkeypatch.delenv(name)
     assert distributed.slurm_tasks() == (8, 2)
     assert distributed.placement(-1) == distributed.placement("auto") == {"devices": 8, "num_nodes": 2}
     with pytest.raises(ConfigError, match=r"^trainer.devices=4 but the SLURM job runs 8 tasks per node"):

@@ -272,7 +272,13 @@ def test_job_of_two_tasks_runs_the_pipeline_as_one_ddp_group_equal_to_lightnings
                              f"cache_dir={tmp_path / 'slurm_cache'}", f"hydra.sweep.dir={sweep_dir}"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    finish(proc)
+    try:
+        finish(proc)
+    finally:  # a failed or hung run leaves neither its sweep nor a job holding the node's CPUs
+        if proc.poll() is None:
+            proc.kill()
+        for submitted in (sweep_dir / ".submitit").glob("[0-9]*"):
+            subprocess.run(["scancel", submitted.name])
     (run_dir,) = [p.parent for p in sweep_dir.glob("*/results.json")]
     (job,) = [p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]
     assert sorted(p.name for p in job.glob("*_result.pkl")) == [f"{job.name}_{task}_result.pkl" for task in (0, 1)]

@@ -102,39 +102,40 @@ def training(sizes: dict, gpu: bool, data: tuple[Path, Path], work: Path) -> dic
             "lightning_over_plain": round(lightning / plain, 3)}
 
 
-def features_file(sizes: dict, work: Path) -> Path:
+def features_file(sizes: dict, work: Path) -> tuple[Path, Path]:
+    """The benchmark's clustered features (rows x dim, float32) and their logits, memory-mapped files."""
     from bench_selection import make_features
 
     path = work / f"features_{sizes['rows']}x{sizes['dim']}.npy"
-    make_features(path, sizes["rows"], sizes["dim"])
-    return path
+    make_features(path, path.with_name("logits.npy"), n=sizes["rows"], dim=sizes["dim"])
+    return path, path.with_name("logits.npy")
 
 
-def selector_score(name: str, features: Path, overrides: list[str]) -> tuple[Any, float]:
+def selector_score(name: str, files: tuple[Path, Path], overrides: list[str]) -> tuple[Any, float]:
     """The selector of the config tree scoring the memory-mapped features end to end, and its seconds."""
     from bench_selection import compose_selector
 
     from ssat.selection import PoolEmbedding
 
     selector = compose_selector(name, ["dataset.num_classes=10", *overrides])
-    x = np.load(features, mmap_mode="r")
+    pool = PoolEmbedding(*(np.load(path, mmap_mode="r") for path in files))
     start = time.perf_counter()
-    selector.score(PoolEmbedding(x, np.zeros((len(x), 10), dtype=np.float32)), seed=0)
+    selector.score(pool, seed=0)
     return selector, time.perf_counter() - start
 
 
-def kmeans(features: Path) -> dict[str, Any]:
+def kmeans(files: tuple[Path, Path]) -> dict[str, Any]:
     import faiss
 
-    selector, seconds = selector_score("lcs_km", features, [])
+    selector, seconds = selector_score("lcs_km", files, [])
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     return {"backend": f"faiss on {gpus} GPU(s)" if gpus else "faiss on the CPU", "faiss": faiss.__version__,
             "k": selector.n_clusters, "niter": selector.niter, "nredo": selector.nredo,
             "score_seconds": round(seconds, 2), "inertia": selector.fitted_.inertia}
 
 
-def gmm(features: Path, max_iter: int) -> dict[str, Any]:
-    selector, seconds = selector_score("lcs_gmm", features, [f"selector.max_iter={max_iter}"])
+def gmm(files: tuple[Path, Path], max_iter: int) -> dict[str, Any]:
+    selector, seconds = selector_score("lcs_gmm", files, [f"selector.max_iter={max_iter}"])
     fit = selector.fitted_
     return {"device": "cuda" if torch.cuda.is_available() else "cpu", "covariance": selector.covariance_type,
             "components": selector.n_components, "iterations": fit.n_iter, "converged": bool(fit.converged),

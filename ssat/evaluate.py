@@ -90,7 +90,8 @@ def model_card(cfg: DictConfig, choices: dict[str, str], target: Target, stages:
     generated = run.get("n_generated") or 0
     return {
         "name": name or target.name, "link": None, "authors": None, "venue": None,
-        "dataset": cfg.dataset.name, "threat_model": "Linf", "eps": eps_text(aa.eps if aa.enabled else cfg.eval.pgd.eps),
+        "dataset": cfg.dataset.name, "threat_model": "Linf",
+        "eps": eps_text(aa.eps if aa.enabled else cfg.eval.pgd.eps),
         "architecture": loaded.model.architecture,
         "additional_data": additional_data if additional_data is not None else extra_data(target.results,
                                                                                            choices.get("pool")),

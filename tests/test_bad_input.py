@@ -306,7 +306,8 @@ def test_a_failure_during_work_exits_1_with_one_line(tmp_path):
     assert run.run_dir.is_dir(), "work was done: the run directory and its logs stay"
 
 
-@pytest.mark.parametrize("overrides", [[], ["dataset=cifar10"], ["dataset=cifar100"], ["dataset=svhn"],
+@pytest.mark.parametrize("overrides", [[], ["dataset=digits32"], ["dataset=cifar10"], ["dataset=cifar100"],
+                                       ["dataset=svhn"],
                                        ["experiment=cifar10_paper", "pool.paths=pool.npz"],
                                        ["experiment=cifar10_small"], ["experiment=autoattack"], ["selector=lcg_gmm"],
                                        ["trainer=ddp"]])

@@ -5,9 +5,11 @@ the stage key holds the file's content and not its path, and the model from the 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +35,7 @@ def trained(tmp_path_factory):
     return run_in_process("selector=random", tmp_path=tmp), tmp / "cache"
 
 
-def intermediate_dir(results):
-    from pathlib import Path
-
+def intermediate_dir(results) -> Path:
     return Path(results["stage_dirs"]["intermediate"])
 
 
@@ -106,7 +106,8 @@ def test_a_file_without_the_normalisation_keeps_the_configs_and_says_so(caplog):
     state = {k: v for k, v in source.state_dict().items() if k not in ("mean", "std")}
     with caplog.at_level(logging.WARNING, logger="ssat"):
         load_weights(fresh, state, "intermediate.checkpoint=lab.pt")
-    assert fresh.mean.flatten().tolist() == pytest.approx([0.1]) and fresh.std.flatten().tolist() == pytest.approx([0.2])
+    assert fresh.mean.flatten().tolist() == pytest.approx([0.1])
+    assert fresh.std.flatten().tolist() == pytest.approx([0.2])
     assert "intermediate.checkpoint=lab.pt has no input normalisation" in caplog.text
     assert torch.equal(fresh.layers[0].weight, source.layers[0].weight)
 
@@ -167,13 +168,10 @@ def test_the_guidance_classifier_from_a_file_is_the_one_that_guides(trained, tmp
     third = run_in_process("selector=pcg", *GENERATION, f"generation.classifier={other}", tmp_path=tmp_path)
 
     def finetune(run):
-        import json
-        from pathlib import Path
-
         return json.loads((Path(run["stage_dirs"]["ddpm_finetune"]) / "record.json").read_text())["info"]
 
-    assert own["checkpoints"] == {"guidance_classifier": {"path": str(weights),
-                                                          "sha256": own["checkpoints"]["guidance_classifier"]["sha256"]}}
+    assert list(own["checkpoints"]) == ["guidance_classifier"]
+    assert own["checkpoints"]["guidance_classifier"]["path"] == str(weights)
     assert own["stage_keys"]["ddpm_finetune"] != default["stage_keys"]["ddpm_finetune"]
     probes = [k for k in finetune(default) if k.startswith("probe_")]
     assert probes and all(finetune(own)[k] == pytest.approx(finetune(default)[k], rel=1e-6) for k in probes)

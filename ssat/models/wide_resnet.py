@@ -58,8 +58,9 @@ class WideResNet(Classifier):
     and its normalising variants (``Rice2020OverfittingNet``) hold the statistics as ``mu`` and ``sigma``."""
 
     robustbench = KeyLayout(
-        renames=(("block{g}.{i}.shortcut.", "block{g}.layer.{i}.convShortcut."), ("block{g}.{i}.", "block{g}.layer.{i}."),
-                 ("bn.", "bn1."), ("head.", "fc."), ("mean", "mu"), ("std", "sigma")),
+        renames=(("block{g}.{i}.shortcut.", "block{g}.layer.{i}.convShortcut."),
+                 ("block{g}.{i}.", "block{g}.layer.{i}."), ("bn.", "bn1."), ("head.", "fc."), ("mean", "mu"),
+                 ("std", "sigma")),
         definition="robustbench.model_zoo.architectures.wide_resnet.WideResNet(depth={depth}, "
                    "widen_factor={widen_factor}, num_classes={num_classes})")
 

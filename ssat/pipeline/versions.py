@@ -102,7 +102,8 @@ def all_stages() -> dict[str, Stage]:
               evaluate.STAGE, generate.DDPM_PRETRAIN, generate.DDPM_SOURCE, generate.DDPM_FINETUNE, generate.SAMPLE,
               generate.SAMPLE_PLAIN, generate.GENERATED_POOL, intermediate.CHECKPOINT, generate.CLASSIFIER]
     # Stages that stand in for another of the same name (a trained model's, the data's pool) under their own.
-    stand_ins = {"generated_pool": generate.GENERATED_POOL, "intermediate_from_checkpoint": intermediate.FROM_CHECKPOINT}
+    stand_ins = {"generated_pool": generate.GENERATED_POOL,
+                 "intermediate_from_checkpoint": intermediate.FROM_CHECKPOINT}
     return {**{s.name: s for s in stages if s is not generate.GENERATED_POOL}, **stand_ins}
 
 

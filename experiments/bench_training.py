@@ -123,7 +123,7 @@ class Bench:
         if cfg.trainer.get("compile"):
             model.compile(**(cfg.trainer.compile if isinstance(cfg.trainer.compile, dict) else {}))
         model.train()
-        optimizer, _ = build_optimizer(model.parameters(), cfg.ssat.epochs, **cfg.ssat.optim)
+        optimizer, _ = build_optimizer(model, cfg.ssat.epochs, **cfg.ssat.optim)
         bf16 = str(cfg.trainer.precision).startswith("bf16")
         self.sampler.set_epoch(0)  # as Lightning sets it in its first epoch
         loader = train_loader(self.train_set, self.sampler, cfg.loader.num_workers, cfg.loader.pin_memory)
@@ -143,6 +143,19 @@ class Bench:
             optimizer.step()
         sync(device)
         return images / (time.perf_counter() - start)
+
+
+def interleaved_rounds(bench: Bench, rounds: int) -> list[dict[str, float]]:
+    """Images/s of each side per round, the side that goes first alternating from round to round."""
+    measured = []
+    for r in range(rounds):
+        order = ("lightning", "plain") if r % 2 == 0 else ("plain", "lightning")
+        speeds = {side: bench.lightning(bench.cfg.loader.num_workers) if side == "lightning" else bench.plain()
+                  for side in order}
+        measured.append(speeds)
+        print(f"round {r}: lightning {speeds['lightning']:.1f} img/s, plain {speeds['plain']:.1f} img/s "
+              f"({order[0]} first)", file=sys.stderr)
+    return measured
 
 
 def main() -> None:
@@ -167,14 +180,7 @@ def main() -> None:
         bench = Bench(args.overrides, args.batches, args.warmup, Path(tmp))
         cfg = bench.cfg
         torch.manual_seed(cfg.seed)
-        rounds = []
-        for r in range(args.rounds):
-            order = ("lightning", "plain") if r % 2 == 0 else ("plain", "lightning")
-            speeds = {side: bench.lightning(cfg.loader.num_workers) if side == "lightning" else bench.plain()
-                      for side in order}
-            rounds.append(speeds)
-            print(f"round {r}: lightning {speeds['lightning']:.1f} img/s, plain {speeds['plain']:.1f} img/s "
-                  f"({order[0]} first)", file=sys.stderr)
+        rounds = interleaved_rounds(bench, args.rounds)
         workers = {}
         for w in args.workers:
             workers[w] = statistics.median(bench.lightning(w) for _ in range(args.worker_repeats))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssat.selection.base import PoolEmbedding, Selection
+from ssat.selection.types import PoolEmbedding, Selection
 
 
 class ModelWeights:
@@ -73,17 +73,43 @@ class SelectionFiles:
 
 
 class PseudoLabels:
-    """The training label of each selected point, aligned with the selection."""
+    """The training label of each selected point, aligned with the selection, and with ssat.pseudo_labels=soft
+    the probabilities (S, K) it trains towards (pseudo_probs.npy; absent when hard)."""
 
-    FILE = "pseudo_labels.npy"
+    FILE, SOFT = "pseudo_labels.npy", "pseudo_probs.npy"
 
     @classmethod
-    def save(cls, folder: Path, labels: np.ndarray) -> None:
+    def save(cls, folder: Path, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         np.save(Path(folder) / cls.FILE, labels)
+        if probabilities is not None:
+            np.save(Path(folder) / cls.SOFT, probabilities)
 
     @classmethod
     def load(cls, folder: Path) -> np.ndarray:
         return np.load(Path(folder) / cls.FILE)
+
+    @classmethod
+    def load_soft(cls, folder: Path) -> np.ndarray | None:
+        path = Path(folder) / cls.SOFT
+        return np.load(path) if path.exists() else None
+
+
+class Reselections:
+    """Each re-selection of an adaptive selector during SSAT: the chosen pool indices (boundary part first) by the
+    epoch they start, in reselections/epoch_<e>.npy of the SSAT stage's folder."""
+
+    FOLDER = "reselections"
+
+    @classmethod
+    def save(cls, folder: Path, epoch: int, indices: np.ndarray) -> None:
+        target = Path(folder) / cls.FOLDER
+        target.mkdir(exist_ok=True)
+        np.save(target / f"epoch_{epoch:05d}.npy", indices)
+
+    @classmethod
+    def load(cls, folder: Path) -> dict[int, np.ndarray]:
+        files = sorted((Path(folder) / cls.FOLDER).glob("epoch_*.npy"))
+        return {int(f.stem.split("_")[1]): np.load(f) for f in files}
 
 
 class GeneratedImages:

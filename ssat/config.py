@@ -18,6 +18,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ssat import distributed
+from ssat.clustering.kmeans import FAISS_MISSING
 from ssat.errors import ConfigError, SsatError, WriteError
 from ssat.schema import check_config, did_you_mean
 
@@ -27,6 +29,9 @@ EXTRAS = {
     ("logger", "wandb"): ("wandb", "wandb"),
     ("hydra/launcher", "slurm"): ("slurm", "hydra_plugins.hydra_submitit_launcher"),
 }
+
+# Hydra's launcher of jobs on this machine (any other sends them elsewhere, e.g. to SLURM).
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 # Hydra's own flags besides -m: --help, --cfg, -cn ... go straight to Hydra, unchecked.
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -47,6 +52,7 @@ def check_command_line(argv: list[str]) -> None:
     with initialize_config_module(config_module="ssat.conf", version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
         parsed = _parsed(OverridesParser.create(config_loader=hydra.config_loader), overrides)
+        check_faiss()
         check_extras((o.get_key_element().lstrip("+~"), value) for o in parsed for value in
                      (o.sweep_string_iterator() if o.is_discrete_sweep() else [o.get_value_element_as_str()]))
         jobs = [overrides]
@@ -55,9 +61,11 @@ def check_command_line(argv: list[str]) -> None:
         for job in jobs:
             cfg = _compose(hydra, job, mode)
             check_output_dir(cfg, "hydra.sweep.dir" if mode == RunMode.MULTIRUN else "hydra.run.dir")
+            check_launcher(cfg)
+            here = runs_here(cfg)
             with open_dict(cfg):
                 del cfg["hydra"]
-            check_config(cfg)
+            check_config(cfg, devices_here=here)
 
 
 def compose_job(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
@@ -129,6 +137,42 @@ def check_extras(choices: Iterable[tuple[str, str]]) -> None:
         need = EXTRAS.get((group, choice))
         if need is not None and util.find_spec(need[1]) is None:
             raise ConfigError(f"{group}={choice} needs the extra '{need[0]}': pip install -e '.[{need[0]}]'")
+
+
+def runs_here(cfg: DictConfig) -> bool:
+    """Whether Hydra runs the jobs on this machine; a launcher that sends them elsewhere (SLURM) leaves the check
+    of their devices to the machine they run on."""
+    return OmegaConf.select(cfg, "hydra.launcher._target_") == BASIC_LAUNCHER
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """A SLURM job of several tasks runs one DDP group, one rank per task on one device; a DDP trainer on SLURM
+    needs those tasks (Lightning's own launcher does not start ranks inside a SLURM job)."""
+    launcher = cfg.hydra.launcher
+    if not str(launcher.get("_target_")).endswith("SlurmLauncher"):
+        return
+    per_node, nodes = launcher.tasks_per_node, launcher.nodes
+    tasks = f"hydra.launcher.tasks_per_node={per_node} and hydra.launcher.nodes={nodes}"
+    if not distributed.is_ddp(cfg.trainer):
+        if per_node * nodes > 1:
+            raise ConfigError(f"{tasks} start {per_node * nodes} tasks per job, which run as one DDP group: add "
+                              f"trainer=ddp")
+        return
+    if per_node * nodes == 1:
+        raise ConfigError(f"trainer=ddp on SLURM runs one rank per task, and {tasks} start one: set "
+                          f"hydra.launcher.tasks_per_node to the devices of a node (and hydra.launcher.gpus_per_node)")
+    if launcher.get("gpus_per_task"):
+        raise ConfigError(f"hydra.launcher.gpus_per_task={launcher.gpus_per_task} hides the node's other GPUs from "
+                          f"each task, and a DDP rank takes the GPU of its local rank: set "
+                          f"hydra.launcher.gpus_per_node={per_node} instead")
+    distributed.placement(cfg.trainer.devices, cfg.trainer.get("num_nodes", 1), tasks=(per_node, nodes))
+
+
+def check_faiss() -> None:
+    """FAISS comes with the cpu or the gpu extra (pip cannot install one wheel or the other by itself): without it,
+    one line naming them before any work."""
+    if util.find_spec("faiss") is None:
+        raise ConfigError(FAISS_MISSING)
 
 
 def check_output_dir(cfg: DictConfig, key: str) -> None:

@@ -48,15 +48,17 @@ class TrainingDiverged(SsatError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def check_finite(array: np.ndarray, what: str = "features", batch_size: int = 65536) -> None:
+def check_finite(array: np.ndarray, what: str = "features", batch_size: int = 65536, first_row: int = 0,
+                 total: int | None = None) -> None:
     """One NaN or infinity turns every distance and likelihood into NaN: stop at the first, naming its row.
 
-    Reads a memory-mapped array one batch of rows at a time.
+    Reads a memory-mapped array one batch of rows at a time. A block of a larger array names its rows as there:
+    its first row's index there and the larger array's length.
     """
     for start in range(0, len(array), batch_size):
         finite = np.isfinite(array[start:start + batch_size]).reshape(min(batch_size, len(array) - start), -1)
         rows_ok = finite.all(axis=1)
         if not rows_ok.all():
-            row = start + int(np.argmin(rows_ok))
-            raise DataError(f"{what} contain NaN or infinity at row {row} (of {len(array)}); the model that computed "
-                            f"them diverged or the pool holds broken images")
+            row = first_row + start + int(np.argmin(rows_ok))
+            raise DataError(f"{what} contain NaN or infinity at row {row} (of {total or len(array)}); the model that "
+                            f"computed them diverged or the pool holds broken images")

@@ -53,6 +53,8 @@ def remove_if_empty_of_work(run_dir: Path) -> None:
 def main(cfg: DictConfig) -> float:
     """Runs one pipeline; returns the robust accuracy (what a Hydra sweeper would maximise)."""
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # optim.schedule=onecycle steps once per epoch on purpose (DM-Improves-AT's `cosinew`).
+    warnings.filterwarnings("ignore", message=".*OneCycleLR. scheduler is using 'interval': 'epoch'.*")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run_pipeline(cfg, run_dir)

@@ -4,7 +4,8 @@ Each block of ``conf/config.yaml`` is a dataclass below; a field's type is what 
 ``float``, ``bool``, ``str``, ``X | None``, ``list[X]``, a nested block, or ``dict`` for a mapping passed on whole)
 and its metadata the allowed range (``between``) or choices (``one_of``). ``check_schema`` walks the composed
 config against ``Config`` and raises one ConfigError naming the first bad key as the user types it. What one value
-cannot say alone (restarts need a random start, a GPU must be visible) is checked in ``check_relations``.
+cannot say alone (restarts need a random start) is checked in ``check_relations``, and that the trainer's GPU is
+visible in ``check_devices`` (where the job runs: a SLURM sweep is checked on a login node that may have none).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ssat.attacks.pgd import LOSSES
 from ssat.errors import ConfigError
 from ssat.generation.sampling import SAMPLERS
 from ssat.lightning.classifier import SCHEDULES
+from ssat.selection.labels import KINDS
 from ssat.selection.target import TARGETS
 
 
@@ -56,6 +58,7 @@ class Optim:
     schedule: str = field(metadata=one_of(SCHEDULES))
     milestones: list[int] = field(metadata=POSITIVE)
     gamma: float = field(metadata=between(0, open_low=True))
+    norm_weight_decay: bool
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Embed:
 class Ema:
     decay: float | None = field(metadata=between(0, 1, open_high=True, why="null turns the EMA off"))
     warmup: int = field(metadata=POSITIVE)
+    start: float = field(metadata=between(0, 1, open_high=True))
 
 
 @dataclass
@@ -105,6 +109,8 @@ class Ssat:
     optim: Optim
     ema: Ema
     early_stopping: EarlyStopping
+    pseudo_labels: str = field(metadata=one_of(KINDS))
+    pseudo_label_temperature: float = field(metadata=between(0, open_low=True))
 
 
 @dataclass
@@ -295,12 +301,15 @@ def missing_keys(tree: Any, prefix: str = ""):
         yield prefix.rstrip(".")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Config errors that can be caught before any data is read: values the user must give, then the schema."""
+def check_config(cfg: DictConfig, devices_here: bool = True) -> None:
+    """Config errors that can be caught before any data is read: values the user must give, then the schema, and
+    with ``devices_here`` (the job runs on this machine) the trainer's devices."""
     missing = sorted(missing_keys(OmegaConf.to_container(cfg, resolve=False)))
     if missing:
         raise ConfigError(f"{missing[0]} must be set, for example {missing[0]}=<value> on the command line")
     check_schema(cfg)
+    if devices_here:
+        check_devices(cfg)
 
 
 def check_schema(cfg: DictConfig) -> None:
@@ -328,7 +337,7 @@ def check_paths(cfg: DictConfig) -> None:
 
 
 def check_relations(cfg: DictConfig) -> None:
-    """What no single value says: restarts need a random start, scales must differ, a GPU must be visible."""
+    """What no single value says: restarts need a random start, scales must differ."""
     for key in ("pgd", "val_pgd"):
         pgd = cfg.eval[key]
         if pgd.restarts > 1 and not pgd.random_start:
@@ -338,6 +347,10 @@ def check_relations(cfg: DictConfig) -> None:
     if len(set(scales)) < 2:
         raise ConfigError(f"eval.sanity.eps_scales={scales} must hold at least two distinct positive factors of "
                           f"eval.pgd.eps")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """A GPU trainer needs a visible GPU."""
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible; "
                           f"use trainer=cpu")

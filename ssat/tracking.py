@@ -1,4 +1,5 @@
-"""Weights & Biases: one W&B run per job (a sweep's jobs never merge), every stage under its own prefix.
+"""Weights & Biases: one W&B run per job (a sweep's jobs never merge), every stage under its own prefix, and the
+sweep's report (ssat.report.dashboard) as one more run of its group when the sweep ends.
 
 ``logger=wandb`` adds the Hydra callback ``WandbRun`` (it knows the job: config, overrides, sweep, run dir) and
 makes ``WandbStageLogger`` each training stage's Lightning logger. The run opens when a stage first logs or when
@@ -42,6 +43,11 @@ def _has_api_key() -> bool:
 def wandb_mode() -> str:
     """WANDB_MODE when set; else online with an API key (env or ``wandb login``), offline without one."""
     return os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's jobs: the sweep folder's last two parts (date/time), as unique as the folder."""
+    return "/".join(Path(sweep_dir).resolve().parts[-2:])
 
 
 def current_run():
@@ -95,7 +101,8 @@ def finish_failed() -> None:
 
 
 class WandbRun(Callback):
-    """Opens (lazily) and always finishes the job's W&B run; logs the stage records and the run's artifacts."""
+    """Opens (lazily) and always finishes the job's W&B run; logs the stage records, the run's artifacts, its sanity
+    checks and selection picture; at a sweep's end, the sweep's report."""
 
     def __init__(self, project: str = "ssat", entity: str | None = None, group: str | None = None,
                  job_type: str = "pipeline", tags: list[str] | None = None):
@@ -116,7 +123,7 @@ class WandbRun(Callback):
             "project": self.project,
             "entity": self.entity,
             # The sweep's folder (date/time) groups its jobs; a single run is its own group.
-            "group": self.group or ("/".join(Path(hydra.sweep.dir).parts[-2:]) if sweep else run_dir.name),
+            "group": self.group or (sweep_group(hydra.sweep.dir) if sweep else run_dir.name),
             "job_type": self.job_type,
             "name": f"{hydra.job.num}:{name}" if sweep else name,
             "tags": self.tags,
@@ -136,8 +143,11 @@ class WandbRun(Callback):
             if job_return.status == JobStatus.COMPLETED:
                 import wandb
 
+                from ssat.report.dashboard import log_job
+
                 results = json.loads((run_dir / RESULTS).read_text())
                 run.summary.update(stage_summaries(results, Path(config.cache_dir)))
+                log_job(run, results, run_dir)
                 artifact = wandb.Artifact(f"results-{run.id}", type="results",
                                           metadata={k: results[k] for k in ("selector", "budget", "seed")})
                 for name in RUN_FILES:
@@ -147,6 +157,15 @@ class WandbRun(Callback):
             if _run is not None:
                 _run.finish(exit_code=0 if job_return.status == JobStatus.COMPLETED else 1)
             _job = _run = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep's report (table and plots) as a run of its group, once every job has ended."""
+        if rank_zero_only.rank != 0:
+            return
+        from ssat.report.dashboard import Destination, publish_sweep
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        publish_sweep(sweep_dir, Destination(self.project, self.entity, self.group or sweep_group(sweep_dir)))
 
 
 class WandbStageLogger(Logger):

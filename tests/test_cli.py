@@ -10,6 +10,8 @@ import pytest
 from cifar_archive import extract_cifar_subset
 from conftest import run_ssat
 
+pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
+
 SELECTORS = ["full", "random", "pcs", "lcs_km", "lcs_gmm"]
 BOUNDARY = {"full": 0.0, "random": 0.0, "pcs": 0.4, "lcs_km": 0.4, "lcs_gmm": 0.4}
 

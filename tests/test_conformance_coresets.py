@@ -175,6 +175,7 @@ def ssat_record(results: dict, cache) -> dict:
     return json.loads((cache / "ssat" / results["stage_keys"]["ssat"] / "record.json").read_text())["info"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches_per_epoch", ["8", "null"])
 def test_coreset_run_trains_a_share_c_of_full_ssats_examples_plus_the_warm_start(tmp_path, shared_cache,
                                                                                    batches_per_epoch):

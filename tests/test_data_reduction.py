@@ -19,6 +19,7 @@ from ssat.data.training_set import LabeledAndSelected
 from ssat.lightning.coreset import CoresetReselection
 from ssat.models import SmallCNN
 from ssat.selection import PoolEmbedding, PredictionConfidenceSelector, RandomSelector
+from ssat.selection.base import TrainingSetup
 from ssat.selection.coreset import CoresetSelector, Craig, GradMatch, last_layer_gradients
 from ssat.selection.extrapolation import dynamic_uncertainty, extrapolate
 
@@ -184,8 +185,8 @@ def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
         sampler = SSATBatchSampler(40, 200, 32, 0.5, num_batches=5)
         selector = CoresetSelector("coreset_craig", Craig(), select_every=1, kappa=0.0)
         schedule = selector.schedule(4, 60 / 200, len(sampler))
-        parts.append((train_set, sampler, CoresetReselection(selector, train_set, sampler, PGDATLoss(0.1, 0.025, 1),
-                                                             60, schedule, 0, tmp_path)))
+        setup = TrainingSetup(train_set, sampler, PGDATLoss(0.1, 0.025, 1), images[40:], 60, 4, 0, tmp_path)
+        parts.append((train_set, sampler, CoresetReselection(selector, setup, schedule)))
     (first_set, first_sampler, first), (second_set, second_sampler, second) = parts
     assert first_sampler.unlabeled_subset is None and (first_set.weights == 1).all()  # before any choice
     first.reselect(SmallCNN(in_channels=1, num_classes=10, mean=[0.3], std=[0.4], width=8), torch.device("cpu"), 2)
@@ -205,6 +206,7 @@ def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
 # ---------------------------------------------------------------- through the command line
 
 
+@pytest.mark.slow
 def test_data_pruning_trains_on_the_reduced_labeled_set_alone(tmp_path):
     run = run_ssat("selector=random", "selection.target=labeled", "budget=0.5", run_dir=tmp_path / "run",
                    cache_dir=tmp_path / "cache")
@@ -217,6 +219,7 @@ def test_data_pruning_trains_on_the_reduced_labeled_set_alone(tmp_path):
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
+@pytest.mark.slow
 def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
     """6 epochs, kappa 0.5, budget 0.3: warm start on every candidate for round(0.3 x 3) = 1 epoch, epochs 1-2
     skipped, coreset chosen at 3 and 5."""
@@ -235,6 +238,7 @@ def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
+@pytest.mark.slow
 def test_coreset_of_the_labeled_set_is_plain_adversarial_training_on_a_weighted_subset(tmp_path):
     """ACS' own setting: no pool, CRAIG re-chooses half of the labeled set (by true labels) during training."""
     run = run_ssat("selector=coreset_craig", "selection.target=labeled", "budget=0.5", "selector.select_every=2",
@@ -247,6 +251,7 @@ def test_coreset_of_the_labeled_set_is_plain_adversarial_training_on_a_weighted_
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
+@pytest.mark.slow
 def test_multirun_of_new_selectors_beside_lcs(tmp_path):
     sweep = tmp_path / "sweep"
     run_ssat("-m", "selector=lcs_km,coreset_craig_pb,extrapolation", "budget=0.3", f"hydra.sweep.dir={sweep}",
@@ -274,6 +279,7 @@ def test_multirun_of_new_selectors_beside_lcs(tmp_path):
     (["selection.target=everything"], ["selection.target='everything'", "pool, labeled"]),
     (["selector=lcg_km", "selection.target=labeled"], ["selection.target=labeled does not apply"]),
 ])
+@pytest.mark.slow
 def test_bad_data_reduction_settings_stop_before_training(overrides, fragments, tmp_path):
     run = run_ssat(*overrides, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)
     assert_one_line_error(run, *fragments)

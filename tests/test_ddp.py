@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import numpy as np
@@ -12,6 +14,8 @@ from ssat.config import build
 from ssat.pipeline import load_data
 from ssat.stages.embed import embed_pool
 from ssat.artifacts import ModelWeights
+
+pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 

@@ -16,7 +16,7 @@ from ssat.data.training_set import LabeledAndSelected, batch_as_is
 from ssat.lightning import EMA, RobustClassifierModule
 from ssat.models import SmallCNN
 from ssat.models.base import Classifier
-from ssat.stages.training import eval_loader, fit
+from ssat.stages.training import FitSettings, TrainingJob, eval_loader, fit
 
 OPTIM = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant"}
 AUGMENT = {"crop_padding": 1, "hflip": False}
@@ -47,8 +47,9 @@ def small_cnn():
 def run_fit(model, digits, out_dir, epochs, ema=None, patience=None, optim=OPTIM):
     images, labels, val_images, val_labels = digits
     sampler = SSATBatchSampler(len(labels), 0, BATCH, 0.0, seed=0)
-    return fit(model, CrossEntropyLoss(), LabeledAndSelected(images, labels), sampler, val_images, val_labels,
-               out_dir, make_trainer, "test", epochs, optim, AUGMENT, 100, None, ema=ema, patience=patience)
+    job = TrainingJob("test", model, CrossEntropyLoss(), LabeledAndSelected(images, labels), sampler, val_images,
+                      val_labels, out_dir, make_trainer)
+    return fit(job, FitSettings(epochs, optim, AUGMENT, 100, ema=ema, patience=patience))
 
 
 def test_ema_averages_parameters_and_copies_batch_norm_statistics():

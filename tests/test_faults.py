@@ -25,7 +25,7 @@ from ssat.data.training_set import LabeledAndSelected
 from ssat.errors import TrainingDiverged
 from ssat.lightning.trainer import build_trainer
 from ssat.models import SmallCNN
-from ssat.stages.training import fit
+from ssat.stages.training import FitSettings, TrainingJob, fit
 
 EPOCHS, BATCHES = 8, 5
 SHORT_SSAT = [f"ssat.epochs={EPOCHS}", f"ssat.batches_per_epoch={BATCHES}"]
@@ -55,11 +55,11 @@ def fit_digits(out_dir: Path, loader: dict, stop_at: int | None = None) -> dict:
                              use_distributed_sampler=False)
 
     sampler = SSATBatchSampler(len(labels), 0, 64, 0.0, seed=5)
-    return fit(model, TradesLoss(eps=0.1, alpha=0.05, steps=2), LabeledAndSelected(images, labels), sampler,
-               images[:64], labels[:64], out_dir, make_trainer, "ssat", epochs=4,
-               optim={"lr": 0.05, "schedule": "cosine"}, augment={"crop_padding": 1}, eval_batch_size=64,
-               val_pgd={"eps": 0.1, "alpha": 0.05, "steps": 2, "random_start": True}, loader=loader,
-               ema={"decay": 0.9, "warmup": 2})
+    job = TrainingJob("ssat", model, TradesLoss(eps=0.1, alpha=0.05, steps=2), LabeledAndSelected(images, labels),
+                      sampler, images[:64], labels[:64], out_dir, make_trainer)
+    return fit(job, FitSettings(epochs=4, optim={"lr": 0.05, "schedule": "cosine"}, augment={"crop_padding": 1},
+                                eval_batch_size=64, val_pgd={"eps": 0.1, "alpha": 0.05, "steps": 2, "random_start": True},
+                                loader=loader, ema={"decay": 0.9, "warmup": 2}))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -76,6 +76,7 @@ def test_fit_resumed_from_last_ckpt_ends_with_the_uninterrupted_weights_bit_for_
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_ssat_then_rerun_resumes_to_the_same_final_epoch(tmp_path):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     args = [sys.executable, "-m", "ssat.run", *FAST, *SHORT_SSAT, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
@@ -137,8 +138,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
                              num_sanity_val_steps=0, inference_mode=False, use_distributed_sampler=False)
 
     with pytest.raises(TrainingDiverged) as info:
-        fit(model, DivergeAt(step=9), train_set, sampler, images[:64], labels[:64], tmp_path, make_trainer, "ssat",
-            epochs=5, optim={"lr": 0.01}, augment={}, eval_batch_size=64, val_pgd=None)
+        fit(TrainingJob("ssat", model, DivergeAt(step=9), train_set, sampler, images[:64], labels[:64], tmp_path,
+                        make_trainer), FitSettings(epochs=5, optim={"lr": 0.01}, augment={}, eval_batch_size=64))
     message = str(info.value)
     assert "\n" not in message
     assert "the training loss became nan at epoch 2, batch 1" in message
@@ -150,6 +151,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_diverging_run_ends_with_one_line_and_exit_code_1(tmp_path):
     run = run_ssat("intermediate.epochs=1", "intermediate.optim.lr=1e12", run_dir=tmp_path / "run",
                    cache_dir=tmp_path / "cache", check=False)
@@ -160,6 +162,7 @@ def test_diverging_run_ends_with_one_line_and_exit_code_1(tmp_path):
     assert not committed(tmp_path / "cache", "intermediate")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["cache_dir", "hydra.run.dir"])
 def test_output_under_a_regular_file_fails_before_any_work(tmp_path, key):
     blocker = tmp_path / "a_file"
@@ -173,6 +176,7 @@ def test_output_under_a_regular_file_fails_before_any_work(tmp_path, key):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("record.json"))
 
 
+@pytest.mark.slow
 def test_full_disk_fails_with_a_message_and_commits_nothing(tmp_path):
     """A file-size limit (what `ulimit -f` sets) makes the first large write fail as a full disk would: the
     intermediate model's first checkpoint. Nothing is committed, and no half-written checkpoint is left."""

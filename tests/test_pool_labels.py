@@ -30,6 +30,7 @@ def training_labels(run, cache) -> np.ndarray:
     return np.load(cache / "pseudo_label" / run.results["stage_keys"]["pseudo_label"] / "pseudo_labels.npy")
 
 
+@pytest.mark.slow
 def test_file_labels_train_by_default_and_intermediate_is_the_option(digits_pool, tmp_path):
     folder, shifted = digits_pool
     common = ["pool=npz", f"pool.paths={folder / 'labelled.npz'}", "selector=random", "budget=0.2"]
@@ -53,6 +54,7 @@ def test_file_labels_train_by_default_and_intermediate_is_the_option(digits_pool
     ([], ["pool.labels=file", "unlabelled.npz", "no 'label' array", "pool.labels=intermediate"]),
     (["pool.labels=model"], ["pool.labels='model'", "intermediate, file"]),
 ])
+@pytest.mark.slow
 def test_file_labels_need_labels_in_the_file(digits_pool, tmp_path, overrides, fragments):
     folder, _ = digits_pool
     run = run_ssat("pool=npz", f"pool.paths={folder / 'unlabelled.npz'}", *overrides, run_dir=tmp_path / "run",
@@ -61,6 +63,7 @@ def test_file_labels_need_labels_in_the_file(digits_pool, tmp_path, overrides, f
     assert not (tmp_path / "cache" / "intermediate").exists()
 
 
+@pytest.mark.slow
 def test_intermediate_labels_need_no_labels_in_the_file(digits_pool, tmp_path):
     folder, _ = digits_pool
     run = run_ssat("pool=npz", f"pool.paths={folder / 'unlabelled.npz'}", "pool.labels=intermediate",

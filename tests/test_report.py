@@ -33,12 +33,14 @@ def write_variant(root, real: dict, name: str, **changes):
     return folder
 
 
+@pytest.mark.slow
 def test_results_name_the_model_by_its_config_choice(real_run):
     _, run = real_run
     assert run.results["model"] == "small_cnn"
     assert run.results["autoattack_acc"] is not None
 
 
+@pytest.mark.slow
 def test_tables_show_autoattack_sanity_and_model(real_run):
     root, run = real_run
     real = run.results
@@ -61,6 +63,7 @@ def test_tables_show_autoattack_sanity_and_model(real_run):
     assert "FAILED: eps0_matches_clean, autoattack_not_above_pgd" in wide
 
 
+@pytest.mark.slow
 def test_sanity_of_several_seeds_names_the_failing_seed(real_run):
     root, run = real_run
     real = run.results
@@ -73,6 +76,7 @@ def test_sanity_of_several_seeds_names_the_failing_seed(real_run):
     assert legend_label("random", runs[:1]) == "random"
 
 
+@pytest.mark.slow
 def test_report_command_writes_the_columns_and_plots(real_run, tmp_path):
     root, run = real_run
     real = run.results

@@ -9,9 +9,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from conftest import compose, run_ssat
+from ssat import distributed
+from ssat.artifacts import ModelWeights
+from ssat.config import build, check_command_line
+from ssat.errors import ConfigError
+from ssat.lightning.trainer import build_trainer
+from ssat.pipeline import load_data
 from ssat.slurm import gpu_count, minutes
+from ssat.stages.embed import embed_pool
+from test_faults import outcome
+
+pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
 
@@ -31,6 +46,59 @@ def test_slurm_time_limits_read_in_minutes(limit, expected):
                                             ("gpu:a100:2,gpu:v100:2", 4)])
 def test_node_gpus_read_from_sinfo_gres(gres, expected):
     assert gpu_count(gres) == expected
+
+
+# What srun sets in rank 9 of a job of 2 nodes x 8 tasks.
+TWO_NODES_OF_EIGHT = {"SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_NNODES": "2", "SLURM_PROCID": "9",
+                      "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[3-4]", "SLURM_JOB_ID": "4242",
+                      "SLURM_JOB_NAME": "run"}
+
+
+def test_ddp_in_a_slurm_job_of_several_tasks_takes_the_jobs_tasks_and_nodes(monkeypatch):
+    for name, value in TWO_NODES_OF_EIGHT.items():
+        monkeypatch.setenv(name, value)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # Lightning writes the group's address into os.environ: undone after
+        monkeypatch.setenv(name, "")            # the test, or the later runs' ranks would look for gpu3
+        monkeypatch.delenv(name)
+    assert distributed.slurm_tasks() == (8, 2)
+    assert distributed.placement(-1) == distributed.placement("auto") == {"devices": 8, "num_nodes": 2}
+    with pytest.raises(ConfigError, match=r"^trainer.devices=4 but the SLURM job runs 8 tasks per node"):
+        distributed.placement(4)
+    with pytest.raises(ConfigError, match=r"^trainer.num_nodes=3 but the SLURM job runs on 2 nodes"):
+        distributed.placement(8, 3)
+    # Lightning checks the trainer against SLURM's variables (devices=-1 or num_nodes=1 it would refuse here).
+    trainer = build_trainer(accelerator="cpu", strategy="ddp", devices=-1, logger=False)
+    assert (trainer.num_nodes, trainer.num_devices, trainer.world_size, trainer.global_rank) == (2, 8, 16, 9)
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert trainer.strategy.cluster_environment.main_address == "gpu3"
+
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: Lightning's launcher, the config's devices
+    assert distributed.slurm_tasks() is None and distributed.placement(-1) == {"devices": -1, "num_nodes": 1}
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["hydra.launcher.tasks_per_node=2"], "hydra.launcher.tasks_per_node=2 and hydra.launcher.nodes=1 start 2 tasks "
+                                          "per job, which run as one DDP group: add trainer=ddp"),
+    (["trainer=ddp"], "trainer=ddp on SLURM runs one rank per task"),
+    (["trainer=ddp", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_task=1"],
+     "hydra.launcher.gpus_per_task=1 hides the node's other GPUs from each task"),
+    (["trainer=ddp", "hydra.launcher.tasks_per_node=2", "trainer.devices=4"],
+     "trainer.devices=4 but the SLURM job runs 2 tasks per node"),
+])
+def test_slurm_ddp_settings_that_contradict_each_other_stop_before_submission(overrides, error):
+    with pytest.raises(ConfigError) as info:
+        check_command_line(["-m", "hydra/launcher=slurm", *overrides])
+    assert str(info.value).startswith(error)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_gpu_sweep_on_slurm_is_submitted_from_a_machine_without_a_gpu():
+    """A login node has no GPU; the job checks its own devices where it runs."""
+    check_command_line(["-m", "hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.nodes=2",
+                        "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_node=8", "trainer.accelerator=gpu"])
+    check_command_line(["-m", "hydra/launcher=slurm", "trainer=gpu"])
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but no CUDA device is visible"):
+        check_command_line(["trainer=gpu"])
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +250,57 @@ def test_array_cancelled_while_running_ends_the_sweep(cluster, tmp_path):
     error = one_error_line(log)
     assert f"job {job}_" in error and "CANCELLED without a result" in error
     assert not list(sweep_dir.glob("*/results.json"))
+
+
+# One job of two tasks as one DDP group (gloo on CPU); trainer=ddp's devices=-1 is the job's tasks per node (on CPU,
+# Lightning itself takes no -1). The same ranks through Lightning's own launcher: trainer.devices=2.
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+DDP_SCHEDULE = ["ssat.epochs=2", "ssat.batches_per_epoch=3", "test_size=60", "eval.sanity.num_points=20",
+                "eval.sanity.noise_samples=1"]
+
+
+@pytest.mark.slow
+def test_job_of_two_tasks_runs_the_pipeline_as_one_ddp_group_equal_to_lightnings_launcher(cluster, tmp_path,
+                                                                                         monkeypatch):
+    """`hydra.launcher.tasks_per_node=2`: SLURM starts both ranks (srun), Lightning's SLURMEnvironment reads them from
+    SLURM's variables, and the run computes what the two ranks that Lightning's own launcher starts compute: the
+    same records, selection, accuracies and every weight and array file, byte for byte."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # both runs: the same kernels, bit for bit
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "ssat.run", "-m", *TINY, *DDP, *DDP_SCHEDULE,
+                             "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=2",
+                             f"cache_dir={tmp_path / 'slurm_cache'}", f"hydra.sweep.dir={sweep_dir}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        finish(proc)
+    finally:  # a failed or hung run leaves neither its sweep nor a job holding the node's CPUs
+        if proc.poll() is None:
+            proc.kill()
+        for submitted in (sweep_dir / ".submitit").glob("[0-9]*"):
+            subprocess.run(["scancel", submitted.name])
+    (run_dir,) = [p.parent for p in sweep_dir.glob("*/results.json")]
+    (job,) = [p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]
+    assert sorted(p.name for p in job.glob("*_result.pkl")) == [f"{job.name}_{task}_result.pkl" for task in (0, 1)]
+    slurm = outcome(run_dir)
+    assert slurm["records"]["intermediate"]["world_size"] == slurm["records"]["ssat"]["world_size"] == 2
+    assert slurm["records"]["embed"]["ranks"] == 2 and slurm["records"]["ssat"]["steps"] == 2 * 3
+    assert (run_dir / "run.log").read_text().count("results in") == 1  # rank 0 reports
+
+    local = run_ssat(*[o for o in TINY if not o.startswith("hydra")], *DDP, "trainer.devices=2", *DDP_SCHEDULE,
+                     run_dir=tmp_path / "local", cache_dir=tmp_path / "local_cache", fast=False)
+    lightning = outcome(local.run_dir)
+    for one in (slurm, lightning):  # the keys hold trainer.devices as typed (-1 and 2)
+        del one["results"]["stage_keys"]
+    assert slurm == lightning
+
+    # The embedding the two ranks assembled is the one a single process computes with the same model (test_ddp.py).
+    cfg = compose(f"cache_dir={tmp_path / 'slurm_cache'}")
+    model = ModelWeights.load_into(build(cfg.model), Path(json.loads((run_dir / "results.json").read_text())
+                                                          ["stage_dirs"]["intermediate"]))
+    single = tmp_path / "single"
+    single.mkdir()
+    embed_pool(model, load_data(cfg).pool_images, single, 512)
+    stage = Path(json.loads((run_dir / "results.json").read_text())["stage_dirs"]["embed"])
+    for name in ("features.npy", "logits.npy"):
+        np.testing.assert_allclose(np.load(stage / name), np.load(single / name), rtol=1e-5, atol=1e-5)

@@ -140,3 +140,14 @@ def test_test_subset_is_fixed_stratified_and_aligned(dataset):
     assert take_test_subset(data, None) is data
     with pytest.raises(ConfigError, match=r"test_size=0 must be between 1 and the test set's 297 images"):
         take_test_subset(data, 0)
+
+
+def test_pool_first_keeps_the_pool_and_validation_split_across_labeled_sizes(dataset):
+    small, large = (split_pool(dataset, val_size=100, num_labeled=n, num_unlabeled=600, split_seed=2,
+                               pool_first=True) for n in (50, 500))
+    assert np.array_equal(index_of(small.pool_images), index_of(large.pool_images))
+    assert np.array_equal(index_of(small.val_images), index_of(large.val_images))
+    assert len(small.labeled_labels) == 50 and len(large.labeled_labels) == 500
+    assert not set(index_of(large.labeled_images)) & set(index_of(large.pool_images))
+    with pytest.raises(ConfigError, match="pool.pool_first=true needs pool.num_unlabeled"):
+        split_pool(dataset, val_size=100, num_labeled=50, num_unlabeled=None, split_seed=2, pool_first=True)

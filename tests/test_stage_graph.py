@@ -3,11 +3,15 @@ the selector's capabilities, and any stage runs alone with what it needs."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 
-from conftest import run_in_process
+from conftest import TINY, run_in_process
 from ssat.pipeline import plan
 from ssat.pipeline.stage import UndeclaredRead, When
 from ssat.stages import intermediate
@@ -88,3 +92,30 @@ def test_any_stage_runs_alone_with_what_it_needs_and_the_full_run_reuses_it(stag
     whole = run_in_process(tmp_path=tmp_path)
     order = ["intermediate", "embed", "select", "pseudo_label", "ssat", "evaluate"]
     assert [name for name in order if whole["cached"][name]] == order[:order.index(stage) + 1]
+
+
+@pytest.mark.slow
+def test_a_sweep_of_one_stage_jobs_shares_the_cache_with_the_whole_pipeline_sweep(tmp_path):
+    """The GPU-heavy stages in their own jobs (``-m +stage=embed,ssat``), then the whole-pipeline sweep over two
+    selectors on the same cache: the stages the one-stage jobs computed are reused under the same keys, and only
+    what they did not run (pcs's selection and training, both evaluations) is computed."""
+    cache = tmp_path / "cache"
+
+    def sweep(name: str, *overrides: str) -> list[dict]:
+        proc = subprocess.run([sys.executable, "-m", "ssat.run", "-m", *TINY, *overrides, f"cache_dir={cache}",
+                               f"hydra.sweep.dir={tmp_path / name}"], capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        jobs = [job for job in (tmp_path / name).iterdir() if job.is_dir()]  # <job number>_<selector>_<budget>
+        return [json.loads(next(job.glob("*.json")).read_text())
+                for job in sorted(jobs, key=lambda job: int(job.name.split("_")[0]))]
+
+    embed_job, ssat_job = sweep("stages", "+stage=embed,ssat", "selector=random")
+    assert embed_job["stage"] == "embed" and set(embed_job["stages"]) == {"intermediate", "embed"}
+    assert ssat_job["stages"]["intermediate"]["cached"] and ssat_job["stages"]["embed"]["cached"]
+    assert not ssat_job["stages"]["ssat"]["cached"]
+    random_run, pcs_run = sweep("whole", "selector=random,pcs")
+    for name, record in ssat_job["stages"].items():
+        assert random_run["stage_keys"][name] == record["key"] and random_run["cached"][name], name
+    assert not random_run["cached"]["evaluate"]
+    assert [pcs_run["cached"][s] for s in ("intermediate", "embed", "select", "ssat")] == [True, True, False, False]

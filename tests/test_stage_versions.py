@@ -20,13 +20,13 @@ def test_changing_a_selector_without_a_version_bump_is_caught(monkeypatch, tmp_p
     table = json.loads(versions.TABLE.read_text())
     latent = versions._module_file("ssat.selection.latent")
     edited = tmp_path / "latent.py"
-    edited.write_text(latent.read_text().replace("return (d2 - d1).astype(np.float64)",
-                                                 "return (d2 - d1 + 0).astype(np.float64)"))
+    edited.write_text(latent.read_text().replace("return (fit.d2 - fit.d1).astype(np.float64)",
+                                                 "return (fit.d2 - fit.d1 + 0).astype(np.float64)"))
     assert edited.read_text() != latent.read_text()
     real = versions._module_file
     monkeypatch.setattr(versions, "_module_file", lambda name: edited if name == "ssat.selection.latent" else real(name))
     found = versions.problems(table)
-    assert any(p.startswith("the code of stage select changed but its version (1) did not") for p in found), found
+    assert any(p.startswith("the code of stage select changed but its version (2) did not") for p in found), found
     assert "bump `version` in its Stage declaration" in found[0]
     assert not any("stage evaluate" in p for p in found)  # evaluation does not run the selectors
 

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import FAST
 
+pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
+
 wandb_records = pytest.importorskip("wandb_records", reason="wandb is not installed (pip install -e '.[wandb]')")
 
 

@@ -39,10 +39,12 @@ def records(path: Path):
 
 
 class OfflineRun:
-    """What one offline run recorded: its run record, history rows, summary, config, artifacts and exit code."""
+    """What one offline run recorded: its run record, history rows, summary, config, artifacts and exit code; the
+    files it logged (images, tables) lie under ``files``."""
 
     def __init__(self, run_dir: Path):
         (log,) = Path(run_dir).glob("run-*.wandb")
+        self.files = Path(run_dir) / "files"
         self.history: list[dict] = []
         self.summary: dict = {}
         self.config: dict = {}
@@ -65,3 +67,23 @@ class OfflineRun:
                 self.artifacts.append(record.artifact)
             elif kind == "exit":
                 self.exit_code = record.exit.exit_code
+
+    def logged(self, key: str) -> dict:
+        """The one history value under ``key`` (a logged image or table: its _type and file path), whose fields
+        the transaction log keeps as nested keys ``<key>/<field>``."""
+        (value,) = [{k[len(key) + 1:]: v for k, v in row.items() if k.startswith(f"{key}/")} for row in self.history
+                    if f"{key}/_type" in row]
+        return value
+
+    def table(self, key: str) -> tuple[list[str], list[list]]:
+        """The columns and rows of the table logged under ``key``, read from its file."""
+        value = self.logged(key)
+        assert value["_type"] == "table-file", value
+        content = json.loads((self.files / value["path"]).read_text())
+        return content["columns"], content["data"]
+
+    def image(self, key: str) -> bytes:
+        """The bytes of the image logged under ``key``."""
+        value = self.logged(key)
+        assert value["_type"] == "image-file", value
+        return (self.files / value["path"]).read_bytes()

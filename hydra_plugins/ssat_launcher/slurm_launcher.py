@@ -1,5 +1,7 @@
 """`hydra/launcher=slurm`: hydra-submitit-launcher's SLURM launcher, waiting on `squeue` (ssat/slurm.py) instead of
-on submitit's `sacct` polls, so that a job that can never finish ends the sweep instead of blocking it for ever."""
+on submitit's `sacct` polls, so that a job that can never finish ends the sweep instead of blocking it for ever.
+A job of several tasks (`hydra.launcher.tasks_per_node`, `hydra.launcher.nodes`) runs its pipeline as one DDP
+group, one rank per task (ssat/distributed.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ if find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
             executor.update_parameters(**{key if key in shared else f"slurm_{key}": value
                                           for key, value in self.params.items()
                                           if key not in ("submitit_folder", "max_num_timeout")})
+            if self.params["tasks_per_node"] * self.params["nodes"] > 1:
+                # One DDP group: a task that fails ends the others, which would otherwise wait at the next barrier.
+                executor.update_parameters(slurm_srun_args=["--kill-on-bad-exit=1"])
             sweep_dir = Path(str(self.config.hydra.sweep.dir))
             log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir}")
             sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -54,4 +59,13 @@ if find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
             except SweepError as err:  # raised past Hydra, it would print a traceback
                 print(f"ssat: error: {err}", file=sys.stderr)
                 raise SystemExit(1) from None
-            return [job.results()[0] for job in jobs]
+            return [job.results()[0] for job in jobs]  # rank 0's, in a job of several tasks
+
+        def __call__(self, sweep_overrides: list[str], *args) -> JobReturn:
+            """One task of a job; in a job of several tasks (the ranks of one DDP group) rank 0 alone writes the
+            run directory's .hydra folder."""
+            import submitit
+
+            if submitit.JobEnvironment().global_rank > 0:
+                sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null"]
+            return super().__call__(sweep_overrides, *args)

@@ -35,6 +35,29 @@ def attack_mode(model: nn.Module):
                 p.requires_grad_(True)
 
 
+@contextmanager
+def batch_statistics_mode(model: nn.Module):
+    """Train mode with the parameters and the batch-norm running statistics frozen: the attack's forward passes
+    normalise with the batch's own statistics and leave the running ones as they were (Gowal et al. 2020's attack,
+    kept by DM-Improves-AT)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.train()
+    for m in norms:
+        m.track_running_stats = False
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """Back into the eps-ball around x and into the image range [0, 1]."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)

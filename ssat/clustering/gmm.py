@@ -24,6 +24,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
+from ssat.clustering.blocks import float32_blocks
 from ssat.clustering.kmeans import fit_kmeans
 from ssat.errors import ConfigError, DataError, check_finite
 
@@ -113,8 +114,8 @@ class FeatureRows:
                 self.on_device[start:start + len(x)] = x
 
     def _read(self) -> Iterator[tuple[int, torch.Tensor]]:
-        for start in range(0, self.n, self.batch_size):
-            yield start, _float32_tensor(self.features[start:start + self.batch_size], self.device)
+        for start, x in float32_blocks(self.features, self.batch_size):
+            yield start, _float32_tensor(x, self.device)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         if self.on_device is None:
@@ -183,8 +184,7 @@ class _TorchMixture:
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row log-likelihood (B,) and responsibilities (B, K), float64, every component exact."""
-        parts = [self._log_prob(chunk) for chunk in self._chunks(x)]
-        return torch.cat([loglik for loglik, _ in parts]), torch.cat([resp for _, resp in parts])
+        return self._normalise(self._weighted_log_prob(x))
 
     def e_step(self, x: torch.Tensor, stats: _SufficientStatistics | _WhitenedStatistics | None) -> torch.Tensor:
         """The fit's E-step: per-row log-likelihood (B,) float64, the responsibilities added to stats (if any).
@@ -221,21 +221,22 @@ class _TorchMixture:
 
     def log_posteriors(self, x: torch.Tensor) -> torch.Tensor:
         """log p(k | x) (B, K), float64, every component exact."""
-        weighted = torch.cat([self._weighted_log_prob(chunk) for chunk in self._chunks(x)])
+        weighted = self._weighted_log_prob(x)
         return weighted - torch.logsumexp(weighted, dim=1, keepdim=True)
 
     def _weighted_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log w_k + log N(x | mu_k, Sigma_k) (B, K), float64."""
-        if self.covariance_type == "full":
-            centred = x - self.centre32
-            squared = sum(self._whiten(centred, block).square_().sum(-1) for block in self.whiten)
-        else:
-            squared = torch.stack([(x - mean).square_() @ precisions
-                                   for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
+        """log w_k + log N(x | mu_k, Sigma_k) (B, K), float64: the distances chunk by chunk (cache-sized
+        temporaries), the float64 arithmetic on (B, K) once for the batch (few torch calls)."""
+        squared = torch.cat([self._squared_mahalanobis(chunk) for chunk in self._chunks(x)])
         return self.log_norms - 0.5 * squared.double()
 
-    def _log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._normalise(self._weighted_log_prob(x))
+    def _squared_mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mu_k)^T Sigma_k^-1 (x - mu_k) (B, K), float32."""
+        if self.covariance_type == "full":
+            centred = x - self.centre32
+            return sum(self._whiten(centred, block).square_().sum(-1) for block in self.whiten)
+        return torch.stack([(x - mean).square_() @ precisions
+                            for mean, precisions in zip(self.means32, self.precisions32)], dim=1)
 
     @staticmethod
     def _whiten(centred: torch.Tensor, block: tuple, component: int | None = None) -> torch.Tensor:
@@ -425,42 +426,60 @@ class GaussianMixtureFit:
     def score(self, features: np.ndarray, batch_size: int = 65536,
               device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Log-likelihood (N,) and posteriors (N, K), both float64, holding one batch of rows at a time."""
-        check_finite(features, batch_size)
         n = len(features)
         loglik = np.empty(n, dtype=np.float64)
         posteriors = np.empty((n, len(self.weights)), dtype=np.float64)
-        if self.sklearn_model is not None:
-            for start in range(0, n, batch_size):
-                x = np.asarray(features[start:start + batch_size], dtype=np.float64)
-                loglik[start:start + len(x)] = self.sklearn_model.score_samples(x)
-                posteriors[start:start + len(x)] = self.sklearn_model.predict_proba(x)
-            return loglik, posteriors
-        device = resolve_device(device)
-        mixture = _TorchMixture.from_fit(self, device)
-        with torch.no_grad(), full_float32_matmuls():
-            for start, x in FeatureRows(features, batch_size, device):
-                batch_loglik, batch_posteriors = mixture.log_prob(x)
-                loglik[start:start + len(x)] = batch_loglik.cpu().numpy()
-                posteriors[start:start + len(x)] = batch_posteriors.cpu().numpy()
+        for start, (batch_loglik, batch_posteriors) in self._per_block(features, batch_size, device, "score"):
+            loglik[start:start + len(batch_loglik)] = batch_loglik
+            posteriors[start:start + len(batch_loglik)] = batch_posteriors
         return loglik, posteriors
 
     def log_posteriors(self, features: np.ndarray, batch_size: int = 65536,
                        device: str | torch.device | None = None) -> np.ndarray:
         """log p(k | x) (N, K), float64, from the per-component log-densities: far from a boundary the posteriors
         round to exactly 1 and 0, their logs keep how far."""
-        check_finite(features, batch_size)
         out = np.empty((len(features), len(self.weights)), dtype=np.float64)
-        if self.sklearn_model is not None:
-            for start in range(0, len(features), batch_size):
-                x = np.asarray(features[start:start + batch_size], dtype=np.float64)
-                out[start:start + len(x)] = self.sklearn_model._estimate_log_prob_resp(x)[1]
-            return out
-        device = resolve_device(device)
-        mixture = _TorchMixture.from_fit(self, device)
+        for start, block in self._per_block(features, batch_size, device, "log_posteriors"):
+            out[start:start + len(block)] = block
+        return out
+
+    def row_scores(self, features: np.ndarray, kind: str, batch_size: int = 65536,
+                   device: str | torch.device | None = None, projection=None) -> np.ndarray:
+        """One float64 per row, streamed: ``loglik`` (log-likelihood) or ``posterior_gap`` (the gap between the two
+        largest log-posteriors), of the rows after ``projection`` (a PCAProjection, or None); nothing (N, K) or
+        (N, D) is ever held, so a memory-mapped pool larger than RAM is scored through the page cache."""
+        out = np.empty(len(features), dtype=np.float64)
+        method = "score" if kind == "loglik" else "log_posteriors"
+        for start, result in self._per_block(features, batch_size, device, method, projection):
+            if kind == "loglik":
+                block = result[0]
+            else:
+                top2 = np.partition(result, -2, axis=1)
+                block = top2[:, -1] - top2[:, -2]
+            out[start:start + len(block)] = block
+        return out
+
+    def _per_block(self, features: np.ndarray, batch_size: int, device: str | torch.device | None, method: str,
+                   projection=None) -> Iterator[tuple[int, object]]:
+        """(start, the mixture's ``score`` (loglik, posteriors) or ``log_posteriors`` of the block, numpy float64),
+        the block first projected (torch back-end: float32 on the device; sklearn: then as float64)."""
+        device = resolve_device(device if self.sklearn_model is None else "cpu")
+        mixture = None if self.sklearn_model is not None else _TorchMixture.from_fit(self, device)
         with torch.no_grad(), full_float32_matmuls():
             for start, x in FeatureRows(features, batch_size, device):
-                out[start:start + len(x)] = mixture.log_posteriors(x).cpu().numpy()
-        return out
+                if not torch.isfinite(x).all():  # checked as it is read: a pool larger than RAM is read once
+                    check_finite(x.cpu().numpy(), "features", first_row=start, total=len(features))
+                if projection is not None:
+                    x = projection.apply(x)
+                if mixture is None:
+                    x64 = x.double().cpu().numpy()
+                    yield start, ((self.sklearn_model.score_samples(x64), self.sklearn_model.predict_proba(x64))
+                                  if method == "score" else self.sklearn_model._estimate_log_prob_resp(x64)[1])
+                elif method == "score":
+                    loglik, posteriors = mixture.log_prob(x)
+                    yield start, (loglik.cpu().numpy(), posteriors.cpu().numpy())
+                else:
+                    yield start, mixture.log_posteriors(x).cpu().numpy()
 
 
 def _nearest_centroid(rows: FeatureRows, centroids: np.ndarray) -> np.ndarray:
@@ -564,7 +583,7 @@ def fit_gmm(features: np.ndarray, n_components: int, covariance_type: str = "ful
     if n_components > len(features):
         raise ConfigError(f"selector.n_components={n_components} is more than the {len(features)} points "
                           f"the GMM is fitted on")
-    check_finite(features, batch_size)
+    check_finite(features, "the GMM's features", batch_size)
     if init_means is None:
         init_means = fit_kmeans(_kmeans_sample(features, n_components, seed), n_components, niter=KMEANS_NITER,
                                 nredo=KMEANS_NREDO, seed=seed)

@@ -23,6 +23,11 @@ class PCAProjection:
     components: np.ndarray  # (d, D) float64, orthonormal rows; sign: largest-magnitude entry positive (as sklearn)
     explained_variance: np.ndarray  # (d,) float64, with the n - 1 denominator (as sklearn)
 
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Coordinates of a block of float32 rows on its device (float32)."""
+        mean32 = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
+        return (x - mean32) @ torch.as_tensor(self.components.T, dtype=torch.float32, device=x.device)
+
     def transform(self, features: np.ndarray, batch_size: int = 65536,
                   device: str | torch.device | None = None) -> np.ndarray:
         """(N, d) float32 coordinates, computed one batch of rows at a time."""
@@ -49,7 +54,7 @@ def fit_pca(features: np.ndarray, n_components: int, batch_size: int = 65536,
         raise ConfigError(f"selector.pca_dim={n_components} must be between 1 and the feature dimension {dim}")
     if n < 2:
         raise DataError(f"PCA needs at least 2 rows of features; got {n}")
-    check_finite(features, batch_size)
+    check_finite(features, "the PCA's features", batch_size)
     device = resolve_device(device)
     shift = None
     total = torch.zeros(dim, dtype=torch.float64, device=device)

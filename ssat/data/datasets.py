@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ssat.errors import ConfigError, DataError
+from ssat.progress import track
 
 
 @dataclass
@@ -322,7 +322,7 @@ def _decode_all(files: list[tuple[Path, int]], mode: str, image_size: int | None
     first = _decode(files[0][0], mode, image_size)
     images = np.empty((len(files), *first.shape), dtype=np.uint8)
     images[0] = first
-    for i, (path, _) in enumerate(tqdm(files[1:], desc=desc, unit="img", initial=1, total=len(files)), start=1):
+    for i, (path, _) in enumerate(track(files[1:], len(files), desc, "img", initial=1), start=1):
         pixels = _decode(path, mode, image_size)
         if pixels.shape != first.shape:
             raise DataError(

@@ -18,12 +18,12 @@ from typing import Sequence
 
 import numpy as np
 from numpy.lib.format import open_memmap, read_array, read_array_header_1_0, read_array_header_2_0, read_magic
-from tqdm import tqdm
 
 from ssat.cache import write_json_atomic
 from ssat.data.datasets import IMAGE_EXTENSIONS, ImageDataset, _cache_key, _decode, _one_line
 from ssat.data.splits import SemiSupervisedData, assemble, carve_val_and_labeled
 from ssat.errors import ConfigError, DataError
+from ssat.progress import progress, track
 
 IMAGES, LABELS, META = "images.npy", "labels.npy", "meta.json"
 # Bump when the conversion changes, so folders written by older code are not reused.
@@ -199,7 +199,7 @@ def _convert_members(archive: zipfile.ZipFile, source: Path, out_path: Path, ima
         row = h * w * c
         rows_per_chunk = max(1, _CHUNK_BYTES // row)
         out = _write(out_path.parent, lambda: open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(n, c, h, w)))
-        with tqdm(total=n, desc=f"converting {source.name}", unit="img") as bar:
+        with progress(n, f"converting {source.name}", "img") as bar:
             for start in range(0, n, rows_per_chunk):
                 count = min(rows_per_chunk, n - start)
                 data = f.read(count * row)
@@ -428,7 +428,7 @@ def _decode_folder(files: list[Path], folder: Path, out_dir: Path, mode: str, im
     staged = _staging(out_dir, IMAGES)
     try:
         out = _write(out_dir, lambda: open_memmap(staged, mode="w+", dtype=np.uint8, shape=(len(files), *expected)))
-        for i, path in enumerate(tqdm(files, desc=f"decoding {folder}", unit="img")):
+        for i, path in enumerate(track(files, len(files), f"decoding {folder}", "img")):
             pixels = _decode(path, mode, image_size)
             if pixels.shape != expected:
                 raise DataError(

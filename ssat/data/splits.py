@@ -68,8 +68,11 @@ def stratified_take(labels: np.ndarray, candidates: np.ndarray, n: int, rng: np.
 
 
 def split_pool(dataset, val_size: int, num_labeled: int, num_unlabeled: int | None, split_seed: int,
-               name: str = "split") -> SemiSupervisedData:
-    """Carve validation (stratified), labeled (stratified) and pool (the rest, or a random part of it)."""
+               name: str = "split", pool_first: bool = False) -> SemiSupervisedData:
+    """Carve validation (stratified), labeled (stratified) and pool (the rest, or a random part of it).
+
+    ``pool_first``: the pool (``num_unlabeled`` images) is drawn before the labeled set, so runs that differ only
+    in ``num_labeled`` share the same validation split and the same pool (a map over labeled-set sizes)."""
     labels = dataset.train_labels
     n_train = len(labels)
     for key, value in (("val_size", val_size), ("pool.num_labeled", num_labeled)):
@@ -87,6 +90,15 @@ def split_pool(dataset, val_size: int, num_labeled: int, num_unlabeled: int | No
             f"{n_train} images minus val_size={val_size} and pool.num_labeled={num_labeled} leave {left}"
         )
     rng = np.random.default_rng(split_seed)
+    if pool_first:
+        if num_unlabeled is None:
+            raise ConfigError("pool.pool_first=true needs pool.num_unlabeled (the size of the fixed pool)")
+        everything = np.arange(n_train)
+        val = stratified_take(labels, everything, val_size, rng)
+        rest = np.setdiff1d(everything, val)
+        pool = np.sort(rng.permutation(rest)[:num_unlabeled])
+        labeled = stratified_take(labels, np.setdiff1d(rest, pool), num_labeled, rng)
+        return assemble(dataset, val, labeled, dataset.train_images[pool], labels[pool])
     val, labeled, left = carve_val_and_labeled(labels, val_size, num_labeled, rng)
     pool = left if num_unlabeled is None else np.sort(rng.permutation(left)[:num_unlabeled])
     return assemble(dataset, val, labeled, dataset.train_images[pool], labels[pool])

@@ -18,13 +18,13 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from numpy.lib.format import open_memmap
-from tqdm.auto import tqdm
 
 from ssat import distributed
 from ssat.artifacts import GeneratedImages
 from ssat.attacks import eval_mode
 from ssat.cache import write_json_atomic
 from ssat.errors import ConfigError
+from ssat.progress import progress
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 PROGRESS = "progress.json"
@@ -121,7 +121,7 @@ def _sample_rows(unet: UNet2DModel, sampler, out_dir: Path, first_row: int, rows
     layout = {**layout, "first_row": first_row, "rows": rows}
     images, done = _open_pool(out_dir, layout)
     unet = unet.to(device)
-    with eval_mode(unet), tqdm(total=rows, initial=done, desc=f"sample ({layout['scheduler']})", unit="img") as bar:
+    with eval_mode(unet), progress(rows, f"sample ({layout['scheduler']})", "img", done) as bar:
         for start in range(done, rows, batch_size):
             stop = min(start + batch_size, rows)
             generator = batch_generator(layout["seed"], (first_row + start) // batch_size)

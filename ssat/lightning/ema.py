@@ -7,6 +7,7 @@ the live weights in its state_dict (for resuming) and the average under ``callba
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -20,24 +21,30 @@ class EMA(Callback):
     """Averages the parameters after every training batch and validates with the average.
 
     decay_t = min(decay, (1 + t) / (warmup + t)) after t updates, so the first updates follow the weights
-    closely instead of dragging in the random initialisation. Buffers (batch-norm running statistics, counters)
+    closely instead of dragging in the random initialisation. With ``start`` > 0 the average copies the weights for
+    that share of the training's optimizer steps and t counts from there (DM-Improves-AT: 2.5%, the learning
+    rate's warm-up, up to one step). Buffers (batch-norm running statistics, counters)
     are copied, not averaged: they must describe the averaged network's activations, and the live ones are the
     closest estimate.
     """
 
-    def __init__(self, decay: float = 0.999, warmup: int = 10):
+    def __init__(self, decay: float = 0.999, warmup: int = 10, start: float = 0.0):
         if not 0 <= decay < 1:
             raise ConfigError(f"ssat.ema.decay={decay} is outside [0, 1) (null turns the EMA off)")
         if warmup < 1:
             raise ConfigError(f"ssat.ema.warmup={warmup} must be at least 1")
-        self.decay, self.warmup = decay, warmup
+        if not 0 <= start < 1:
+            raise ConfigError(f"ssat.ema.start={start} is outside [0, 1)")
+        self.decay, self.warmup, self.start = decay, warmup, start
+        self.start_steps = 0
         self.updates = 0
         self.ema: dict[str, torch.Tensor] | None = None
         self._live: dict[str, torch.Tensor] | None = None
         self._params: set[str] = set()
 
     def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (self.warmup + self.updates))
+        t = self.updates - self.start_steps
+        return 0.0 if t < 0 else min(self.decay, (1 + t) / (self.warmup + t))
 
     def _ready(self, pl_module: L.LightningModule) -> None:
         state = pl_module.state_dict()
@@ -48,6 +55,7 @@ class EMA(Callback):
             self.ema = {k: v.to(state[k].device) for k, v in self.ema.items()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_steps = round(self.start * trainer.estimated_stepping_batches) if self.start else 0
         self._ready(pl_module)
 
     @torch.no_grad()
@@ -91,3 +99,14 @@ class EMA(Callback):
         """The averaged LightningModule state_dict of a checkpoint written with this callback, else None."""
         state = checkpoint.get("callbacks", {}).get(cls.__qualname__)
         return state["ema"] if state else None
+
+
+def evaluated_model(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.nn.Module:
+    """The network validation sees: a copy holding the EMA's averaged weights when an EMA callback averages
+    them, else the module's own network."""
+    ema = next((cb.ema for cb in trainer.callbacks if isinstance(cb, EMA) and cb.ema is not None), None)
+    if ema is None:
+        return pl_module.model
+    model = copy.deepcopy(pl_module.model)
+    model.load_state_dict({k[len("model."):]: v for k, v in ema.items() if k.startswith("model.")})
+    return model

@@ -2,7 +2,8 @@
 has no flag for.
 
 bf16 autocast is Lightning's ``precision: bf16-mixed``; channels_last and torch.compile are applied by the
-Accelerate callback when training starts, so checkpoints keep the plain model's state-dict keys.
+Accelerate callback when training starts, so checkpoints keep the plain model's state-dict keys. Where stdout is
+not a terminal (a SLURM log, CI, a file), Lightning's redrawn bar gives way to a line per epoch.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins import TorchCheckpointIO
+
+from ssat import distributed
+from ssat.lightning.progress import LineProgressBar
+from ssat.progress import interactive
 
 log = logging.getLogger("ssat")
 
@@ -62,9 +68,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def build_trainer(channels_last: bool = False, compile: bool | dict[str, Any] = False,
                   callbacks: list | None = None, **trainer_kwargs) -> L.Trainer:
-    """``lightning.Trainer(**trainer_kwargs)`` with atomic checkpoints, and the Accelerate callback when a speed
-    option is on."""
+    """``lightning.Trainer(**trainer_kwargs)`` with atomic checkpoints, the Accelerate callback when a speed
+    option is on, and progress lines instead of Lightning's bar (which writes to stdout) off a terminal. Under DDP
+    in a SLURM job of several tasks, the devices and nodes are the job's."""
     callbacks = list(callbacks or [])
+    if distributed.is_ddp(trainer_kwargs):
+        trainer_kwargs.update(distributed.placement(trainer_kwargs.get("devices", "auto"),
+                                                    trainer_kwargs.get("num_nodes", 1)))
     if channels_last or compile:
         callbacks.append(Accelerate(channels_last, compile))
+    if (trainer_kwargs.get("enable_progress_bar", True) and not interactive(sys.stdout)
+            and not any(isinstance(c, ProgressBar) for c in callbacks)):
+        callbacks.append(LineProgressBar())
     return L.Trainer(callbacks=callbacks, plugins=[AtomicCheckpointIO()], **trainer_kwargs)

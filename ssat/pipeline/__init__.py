@@ -24,7 +24,8 @@ from ssat.errors import ConfigError
 from ssat.pipeline.runner import Runner, upstream
 from ssat.pipeline.stage import Stage
 from ssat.schema import check_config
-from ssat.pipeline.summary import RunSummary, format_stages, format_summary, selection_sha256, write_run_dir
+from ssat.pipeline.summary import (RunSummary, format_stages, format_summary, selection_sha256, write_run_dir,
+                                   write_stages)
 from ssat.selection.target import selection_target
 from ssat.stages import embed, evaluate, intermediate, pseudo_label, select, ssat
 from ssat.stages.data import DATA, POOL, load_data
@@ -56,7 +57,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results = runner.run(upstream(stages, cfg.stage) if cfg.get("stage") else stages)
     if cfg.get("stage"):
         log.info("stage %s and what it needs are done\n\n%s\n", cfg.stage, format_stages(results))
-        return {"stage": cfg.stage, "robust_acc": None}
+        record = write_stages(run_dir, cfg.stage, results) if distributed.rank() == 0 else {"stage": cfg.stage}
+        return {**record, "robust_acc": None}
     summary = summarise(cfg, selector, results, time.perf_counter() - started)
     if distributed.rank() == 0:
         write_run_dir(run_dir, results, summary)
@@ -121,7 +123,7 @@ def summarise(cfg: DictConfig, selector, results: dict, wall_seconds: float) -> 
         ssat_best_epoch=trained["best_epoch"], ssat_epochs_to_convergence=trained["epochs_to_convergence"],
         ssat_early_stopped=trained["early_stopped"], ssat_ema=trained["ema"],
         timings={name: r.seconds for name, r in computed.items()},
-        selection_seconds=results["select"].seconds + trained.get("reselection_seconds", 0.0),
+        selection_seconds=results["select"].seconds + sum(r["seconds"] for r in trained.get("reselections") or []),
         reselections=trained.get("reselections"), total_seconds=sum(r.seconds for r in computed.values()),
         cached={name: r.cached for name, r in computed.items()},
         stage_keys={name: r.key for name, r in computed.items()},

@@ -19,6 +19,7 @@ SCHEMA_VERSION = 2
 RESULTS = "results.json"
 # What a run directory holds for people and trackers: the summary, the selection and every candidate's score.
 RUN_FILES = (RESULTS, SelectionFiles.INDICES, SelectionFiles.SCORES)
+STAGES = "stages.json"  # what a partial run (+stage=<name>) leaves in its run directory instead of results.json
 
 
 @dataclass
@@ -88,6 +89,20 @@ def write_run_dir(run_dir: Path, results: dict[str, StageResult], summary: RunSu
             if target.exists() and not link.is_symlink():
                 os.symlink(target, link)
     write_json_atomic(run_dir / RESULTS, summary.to_dict())
+
+
+def stage_records(results: dict[str, StageResult]) -> dict[str, dict[str, Any]]:
+    """Each cached stage's key, whether it was reused, its seconds and its folder: what a partial run records, so
+    that a sweep of one-stage jobs can be checked against the cache it shares."""
+    return {name: {"key": r.key, "cached": r.cached, "seconds": r.seconds, "folder": str(r.path)}
+            for name, r in results.items() if r.path is not None}
+
+
+def write_stages(run_dir: Path, stage: str, results: dict[str, StageResult]) -> dict[str, Any]:
+    record = {"stage": stage, "stages": stage_records(results)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / STAGES, record)
+    return record
 
 
 def format_summary(summary: dict[str, Any]) -> str:

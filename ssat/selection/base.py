@@ -2,51 +2,98 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import torch
 
 from ssat.errors import ConfigError
+from ssat.selection.labels import TrainingLabels
+from ssat.selection.types import PoolEmbedding, Selection
+
+if TYPE_CHECKING:
+    from ssat.data.sampler import SSATBatchSampler
+    from ssat.data.training_set import LabeledAndSelected
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """What a selector that re-embeds the pool during training needs beside its images: the intermediate model's
+    logits (the labels a re-selection keeps unless it relabels), the labelling rule (``ssat.pseudo_labels``), the
+    hidden labels when known (for the pseudo-label accuracy of each re-selection) and the embed stage's batch size
+    and feature dtype."""
+
+    intermediate_logits: np.ndarray
+    labels: TrainingLabels
+    hidden_labels: np.ndarray | None = None
+    embed_batch_size: int = 512
+    embed_dtype: str = "float32"
 
 
 @dataclass
-class PoolEmbedding:
-    """What the selection model says about the candidates: penultimate features (N, D) and logits (N, K).
+class TrainingSetup:
+    """What the SSAT stage gives a selector that re-chooses during training: the training set (labeled points,
+    then the selected candidates), its batch sampler, the training loss, the whole pool's images, the number of
+    points the budget buys (``size``, computed once by the select stage), the schedule's epochs, the seed, the
+    stage's folder and, for a selector that re-embeds the pool, ``pool`` (None when the candidates are the labeled
+    set)."""
 
-    ``images`` and ``labels`` are the candidates themselves, for selectors that train on them; labels exist only
-    when the candidates are labeled (``selection.target=labeled``).
-    """
-
-    features: np.ndarray
-    logits: np.ndarray
-    images: np.ndarray | None = None
-    labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def pseudo_classes(self, chunk: int = 65536) -> np.ndarray:
-        """The selection model's predicted class (argmax of the logits), read in chunks of rows."""
-        return np.concatenate([np.asarray(self.logits[s:s + chunk]).argmax(1) for s in range(0, len(self), chunk)]
-                              or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
-
-    def classes(self) -> np.ndarray:
-        """The true class where known, else the pseudo-class."""
-        return self.pseudo_classes() if self.labels is None else np.asarray(self.labels, dtype=np.int64)
-
-
-@dataclass
-class Selection:
-    """Chosen pool indices (boundary part first), a score for every pool point and a weight per chosen point."""
-
-    indices: np.ndarray
-    scores: np.ndarray
-    weights: np.ndarray
-    is_boundary: np.ndarray
+    train_set: "LabeledAndSelected"
+    sampler: "SSATBatchSampler"
+    train_loss: Callable
+    pool_images: np.ndarray
+    size: int
+    epochs: int
+    seed: int
+    out_dir: Path
+    pool: PoolView | None = None
 
     @property
-    def num_boundary(self) -> int:
-        return int(self.is_boundary.sum())
+    def candidates(self) -> range:
+        """The training set's indices a selector chooses among: the pseudo-labeled candidates, or the labeled
+        points when there are none (selection.target=labeled)."""
+        if len(self.train_set.selection):
+            return range(self.train_set.num_labeled, len(self.train_set))
+        return range(self.train_set.num_labeled)
+
+    @property
+    def candidate_labels(self) -> np.ndarray:
+        return self.train_set.pseudo_labels if len(self.train_set.selection) else self.train_set.labeled_labels
+
+    def train_on(self, positions: np.ndarray | None, weights: np.ndarray | None = None,
+                 weighted: bool = False) -> None:
+        """Draw the candidates' part of every batch from ``positions`` (into the candidates; None: all of them).
+        ``weighted``: batches carry loss weights, ``weights`` on the positions (None: 1) and 0 on the other
+        candidates, for a loss that reads them (``WeightedLoss``); else the stage's loss sees none."""
+        subset = None if positions is None else torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        if len(self.train_set.selection):
+            self.sampler.unlabeled_subset = subset
+        else:
+            self.sampler.labeled_subset = subset
+        if not weighted:
+            self.train_set.weights = None
+            return
+        all_weights = np.ones(len(self.train_set), dtype=np.float32)
+        if positions is not None:
+            all_weights[self.candidates.start:self.candidates.stop] = 0.0
+            all_weights[self.candidates.start + np.asarray(positions)] = 1.0 if weights is None else weights
+        self.train_set.weights = all_weights
+
+
+@dataclass
+class DuringTraining:
+    """What a selector that re-chooses during training adds to the SSAT stage's training: a loss in place of the
+    stage's (None: the stage's), Lightning callbacks (their state is saved in last.ckpt, so a resumed run
+    continues their schedule), the number of epochs the trainer runs when the schedule skips some (None: all),
+    and what results.json records of it: ``reselections``, a list of {epoch, size, seconds} whose seconds count in
+    ``selection_seconds``, and a selector's own keys in the SSAT stage's record."""
+
+    loss: Callable | None = None
+    callbacks: tuple = ()
+    trained_epochs: int | None = None
+    summary: Callable[[], dict] = field(default=dict)
 
 
 def budget_size(budget: float, pool_size: int) -> int:
@@ -121,25 +168,54 @@ class Selector:
     """Base of the score-based selectors: subclasses implement ``score`` (lower = closer to the boundary).
 
     Capabilities that shape the pipeline, so that it never asks what a selector is: ``pool_stages(cfg)`` (the
-    stages that make the pool, for a generative selector; none: the data's pool) and
-    ``chooses_during_training`` (the selection is only the candidates; the SSAT stage chooses among them).
-    """
+    stages that make the pool, for a generative selector; none: the data's pool) and ``during_training(setup)``
+    (what it adds to SSAT's training when it re-chooses during training, as the adversarial coresets do; None:
+    it chooses once, in the select stage).
 
-    chooses_during_training = False
+    Adaptive selection: with ``reselect_every`` m, a score-based selector re-chooses the budget during SSAT with
+    the current model, at epochs ``reselect_warmup`` (default m), then every m epochs (``Reselection``);
+    ``relabel`` gives the new selection the current model's labels instead of the intermediate model's.
+    """
 
     def pool_stages(self, cfg) -> list:
         return []
 
-    def __init__(self, name: str, boundary_fraction: float = 0.0, class_balanced: bool = False):
+    def during_training(self, setup: TrainingSetup) -> DuringTraining | None:
+        """Adaptive selection's callback when ``reselect_every`` is set; else the selection is final."""
+        if self.reselect_every is None:
+            return None
+        from ssat.lightning.reselection import AdaptiveReselection
+
+        reselection = AdaptiveReselection(self, setup, self.reselect_epochs(setup.epochs))
+        return DuringTraining(callbacks=(reselection,), summary=reselection.summary)
+
+    def __init__(self, name: str, boundary_fraction: float = 0.0, class_balanced: bool = False,
+                 reselect_every: int | None = None, reselect_warmup: int | None = None, relabel: bool = False):
         if not 0 <= boundary_fraction <= 1:
             raise ConfigError(f"selector.boundary_fraction={boundary_fraction} is outside [0, 1]")
+        if reselect_every is not None and reselect_every < 1:
+            raise ConfigError(f"selector.reselect_every={reselect_every} must be at least 1 (null: choose once)")
+        if reselect_warmup is not None and reselect_warmup < 1:
+            raise ConfigError(f"selector.reselect_warmup={reselect_warmup} must be at least 1 "
+                              f"(null: selector.reselect_every)")
         self.name = name
         self.boundary_fraction = boundary_fraction
         self.class_balanced = class_balanced
+        self.reselect_every, self.reselect_warmup, self.relabel = reselect_every, reselect_warmup, relabel
+
+    def reselect_epochs(self, epochs: int) -> list[int]:
+        """The SSAT epochs that start on a re-selection: warm-up w (default m), w + m, ... before ``epochs``."""
+        if self.reselect_every is None:
+            return []
+        first = self.reselect_every if self.reselect_warmup is None else self.reselect_warmup
+        return list(range(first, epochs, self.reselect_every))
 
     def check(self, num_candidates: int, has_labels: bool) -> None:
         """Settings that depend on the candidates (their number, whether they are labeled), checked before
-        any training; the default selector needs nothing."""
+        any training: a re-selection re-chooses among pool points."""
+        if self.reselect_every is not None and has_labels:
+            raise ConfigError(f"selector.reselect_every={self.reselect_every} re-chooses pool points during SSAT; "
+                              f"selection.target=labeled has none (use selection.target=pool)")
 
     def score(self, pool: PoolEmbedding, seed: int) -> np.ndarray | None:
         raise NotImplementedError
@@ -148,7 +224,10 @@ class Selector:
         return budget_size(budget, pool_size)
 
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
-        n = self.num_selected(budget, len(pool))
+        return self.choose_n(pool, self.num_selected(budget, len(pool)), seed)
+
+    def choose_n(self, pool: PoolEmbedding, n: int, seed: int) -> Selection:
+        """n points by the boundary/random rule on this selector's scores (a re-selection's n is the budget's)."""
         scores = self.score(pool, seed) if self.boundary_fraction > 0 else None
         rng = np.random.default_rng(seed)
         if self.class_balanced:

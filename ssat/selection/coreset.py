@@ -20,7 +20,7 @@ from torch import nn
 
 from ssat.attacks import eval_mode
 from ssat.errors import ConfigError
-from ssat.selection.base import PoolEmbedding, Selection, Selector, class_shares
+from ssat.selection.base import DuringTraining, PoolEmbedding, Selection, Selector, TrainingSetup, class_shares
 
 
 # How the gradients of a loss that reads several logit vectors (TRADES: clean and adversarial) are combined:
@@ -43,7 +43,8 @@ def last_layer_gradients(model: nn.Module, loss, batches: Iterable, device: torc
     with eval_mode(model), torch.enable_grad():
         for images, labels in batches:
             x = torch.as_tensor(np.asarray(images)).to(device).float() / 255
-            y = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
+            y = torch.as_tensor(np.asarray(labels)).to(device)
+            y = y if y.is_floating_point() else y.long()  # label distributions (soft pseudo-labels) as they are
             x_adv = loss.attack(model, x, y)
             seen: list[tuple[torch.Tensor, torch.Tensor]] = []
             hook = model.head.register_forward_hook(lambda module, inputs, out: seen.append((inputs[0], out)))
@@ -203,8 +204,6 @@ class CoresetSelector(Selector):
     summed gradient); ``per_class``: the coreset keeps each (pseudo-)class's share, as in ACS.
     """
 
-    chooses_during_training = True
-
     def __init__(self, name: str, algorithm: Craig | GradMatch, select_every: int = 20, kappa: float = 0.6,
                  per_batch: int | None = None, per_class: bool = True, fc_weights: bool = False,
                  batch_size: int = 256, gradient: str = "sum"):
@@ -222,9 +221,19 @@ class CoresetSelector(Selector):
         self.gradient = gradient
 
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
-        n = len(pool)
-        return Selection(np.arange(n, dtype=np.int64), np.full(n, np.nan), np.ones(n, dtype=np.float32),
-                         np.zeros(n, dtype=bool))
+        return Selection.everything(len(pool))
+
+    def during_training(self, setup: TrainingSetup) -> DuringTraining:
+        """A weighted loss and the callback that (re)chooses the coreset, on ACS's schedule of epochs: whatever an
+        epoch is (``batches_per_epoch`` batches or one pass), coreset epochs are a share c = size / candidates of
+        the batches of a full epoch."""
+        from ssat.attacks.losses import WeightedLoss
+        from ssat.lightning.coreset import CoresetReselection
+
+        schedule = self.schedule(setup.epochs, setup.size / len(setup.candidates), len(setup.sampler))
+        reselection = CoresetReselection(self, setup, schedule)
+        return DuringTraining(WeightedLoss(setup.train_loss), (reselection,), schedule.trained_epochs,
+                              reselection.summary)
 
     def schedule(self, epochs: int, fraction: float, full_batches: int) -> CoresetSchedule:
         """ACS's schedule for ``epochs`` epochs of ``full_batches`` batches, the coreset a ``fraction`` c of the

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import faiss
 import lightning as L
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssat.attacks import eval_mode
-from ssat.clustering.kmeans import as_float32
+from ssat.clustering.kmeans import as_float32, faiss_lib
 from ssat.errors import ConfigError
 from ssat.lightning import RobustClassifierModule
 from ssat.lightning.trainer import build_trainer
@@ -49,7 +48,7 @@ def extrapolate(features: np.ndarray, scored: np.ndarray, scores: np.ndarray, ne
     scored rows (Euclidean, FAISS exact search, in batches of rows) for the rest."""
     if neighbours > len(scored):
         raise ConfigError(f"selector.neighbours={neighbours} is larger than the {len(scored)} scored points")
-    index = faiss.IndexFlatL2(features.shape[1])
+    index = faiss_lib().IndexFlatL2(features.shape[1])
     index.add(as_float32(features[scored]))
     out = np.empty(len(features), dtype=np.float64)
     for start in range(0, len(features), batch_size):

@@ -17,9 +17,7 @@ class FullSelector(Selector):
         return pool_size
 
     def select(self, pool: PoolEmbedding, budget: float, seed: int) -> Selection:
-        n = len(pool)
-        return Selection(np.arange(n, dtype=np.int64), np.full(n, np.nan), np.ones(n, dtype=np.float32),
-                         np.zeros(n, dtype=bool))
+        return Selection.everything(len(pool))
 
 
 class RandomSelector(Selector):

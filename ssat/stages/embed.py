@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 from torch import nn
-from tqdm.auto import tqdm
 
 from ssat import distributed
 from ssat.attacks import eval_mode
@@ -27,6 +26,7 @@ from ssat.config import build
 from ssat.errors import ConfigError
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
+from ssat.progress import progress
 from ssat.selection import PoolEmbedding
 from ssat.selection.target import selection_target
 
@@ -117,7 +117,7 @@ def _embed_rows(model: nn.Module, images, out_dir: Path, batch_size: int, device
         logits.flush()
         write_json_atomic(out_dir / PROGRESS, {**layout, "done": rows})
 
-    with eval_mode(model), torch.no_grad(), tqdm(total=n, initial=done, desc="embed", unit="img") as bar:
+    with eval_mode(model), torch.no_grad(), progress(n, "embed", "img", done) as bar:
         for start in range(done, n, batch_size):
             stop = min(start + batch_size, n)
             x = torch.from_numpy(np.ascontiguousarray(images[start:stop])).to(device, non_blocking=True)

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from tqdm.auto import tqdm
 
 from ssat.artifacts import ModelWeights
 from ssat.attacks import AutoAttack, eval_mode, pgd_attack, project_linf
@@ -31,6 +30,7 @@ from ssat.config import build
 from ssat.data.splits import take_test_subset
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage
+from ssat.progress import track
 
 log = logging.getLogger("ssat")
 
@@ -44,7 +44,8 @@ def correct_flags(model: nn.Module, images: np.ndarray, labels: np.ndarray, batc
     model = model.to(device)
     flags = []
     with eval_mode(model):
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        for start in track(range(0, len(images), batch_size), -(-len(images) // batch_size), desc, "batch",
+                           leave=False):
             x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device).float() / 255
             y = torch.from_numpy(labels[start:start + batch_size].astype(np.int64)).to(device)
             if attack is not None:

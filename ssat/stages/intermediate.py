@@ -18,31 +18,29 @@ from ssat.data.training_set import LabeledAndSelected
 from ssat.pipeline.runner import StageContext
 from ssat.pipeline.stage import Stage, When
 from ssat.stages.model_file import file_stage, saved_stage
-from ssat.stages.training import TrainerFactory, fit
+from ssat.stages.training import FitSettings, TrainerFactory, TrainingJob, fit
 
 
-def train_intermediate(model: nn.Module, data: SemiSupervisedData, out_dir: Path, make_trainer: TrainerFactory,
-                       train_loss: Callable, epochs: int, batch_size: int, optim: dict[str, Any],
-                       augment: dict[str, Any], eval_batch_size: int, seed: int, rank: int = 0,
-                       world_size: int = 1, loader: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_intermediate(model: nn.Module, data: SemiSupervisedData, train_loss: Callable, batch_size: int,
+                       seed: int, settings: FitSettings, out_dir: Path, make_trainer: TrainerFactory) -> dict[str, Any]:
     """Writes checkpoints/{best,last}.ckpt and model.pt (the best weights by validation accuracy)."""
-    sampler = SSATBatchSampler(len(data.labeled_labels), 0, batch_size, 0.0, seed=seed, rank=rank,
-                               world_size=world_size)
+    sampler = SSATBatchSampler(len(data.labeled_labels), 0, batch_size, 0.0, seed=seed, rank=distributed.rank(),
+                               world_size=distributed.world_size())
     train_set = LabeledAndSelected(data.labeled_images, data.labeled_labels)
-    return fit(model, train_loss, train_set, sampler,
-               data.val_images, data.val_labels, out_dir, make_trainer, "intermediate", epochs, optim, augment,
-               eval_batch_size, val_pgd=None, loader=loader)
+    job = TrainingJob("intermediate", model, train_loss, train_set, sampler, data.val_images, data.val_labels,
+                      out_dir, make_trainer)
+    return fit(job, settings)
 
 
 def _run(ctx: StageContext, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     attack = cfg.attack if cfg.intermediate.adversarial else None
     loss = PGDATLoss(eps=attack.eps, alpha=attack.alpha, steps=attack.steps) if attack else CrossEntropyLoss()
+    settings = FitSettings(cfg.intermediate.epochs, dict(cfg.intermediate.optim), dict(cfg.dataset.augment),
+                           cfg.eval.batch_size, loader=dict(cfg.loader))
     L.seed_everything(cfg.seed, verbose=False)
-    return train_intermediate(build(cfg.model), ctx.value("data"), out, ctx.trainer_factory(), loss,
-                              cfg.intermediate.epochs, cfg.intermediate.batch_size, cfg.intermediate.optim,
-                              cfg.dataset.augment, cfg.eval.batch_size, cfg.seed, distributed.rank(),
-                              distributed.world_size(), dict(cfg.loader))
+    return train_intermediate(build(cfg.model), ctx.value("data"), loss, cfg.intermediate.batch_size, cfg.seed,
+                              settings, out, ctx.trainer_factory())
 
 
 def _describe(ctx: StageContext) -> str:

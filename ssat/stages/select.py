@@ -53,4 +53,5 @@ def _describe(ctx: StageContext) -> str:
 
 
 STAGE = Stage("select", _run, needs=("embed", "pool"), reads=("selector", "budget", "seed"), describe=_describe,
+              version=2,  # 2: k-means restarts on a sample then streamed passes; lcs_gmm's PCA on its fit sample
               code=("ssat.selection", "ssat.clustering", "ssat.models", "ssat.attacks", "ssat.lightning"))

@@ -37,8 +37,9 @@ def robustbench_state(model: Classifier, image_size: int | None) -> dict[str, Te
     """The model's state dict in RobustBench's layout (``mu``/``sigma`` only when it normalises)."""
     layout = model.robustbench
     if layout is None:
-        raise ConfigError(f"RobustBench has no definition of {model.architecture}: export takes model=wrn28_10, "
-                          f"wrn34_10 (any depth and width) or preact_resnet18")
+        raise ConfigError(f"RobustBench has no definition that computes this {model.architecture}: export takes "
+                          f"model=wrn28_10 or wrn34_10 (any depth and width) with model.activation=relu, or "
+                          f"model=preact_resnet18")
     channels = model.mean.shape[1]
     if channels != layout.channels or image_size not in (None, layout.image_size):
         raise ConfigError(f"RobustBench's definition of {model.architecture} takes {layout.channels}x"

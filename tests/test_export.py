@@ -73,8 +73,11 @@ def test_robustbench_preactresnet18_is_another_network(robustbench):
 
 
 def test_what_robustbench_does_not_define_is_one_line():
-    with pytest.raises(ConfigError, match="RobustBench has no definition of SmallCNN-32"):
+    with pytest.raises(ConfigError, match="RobustBench has no definition that computes this SmallCNN-32"):
         robustbench_state(SmallCNN(3, 10, *IDENTITY), 32)
+    silu = WideResNet(3, 10, *IDENTITY, depth=10, widen_factor=1, activation="silu")
+    with pytest.raises(ConfigError, match="computes this WideResNet-10-1: .*model.activation=relu"):
+        robustbench_state(silu, 32)
     with pytest.raises(ConfigError, match="takes 3x32x32 images; this model was trained on 1-channel 8x8"):
         robustbench_state(WideResNet(1, 10, [0.3], [0.4], depth=10, widen_factor=1), 8)
 

@@ -90,6 +90,8 @@ class WideResNet(Classifier):
             raise ConfigError(f"model bn_momentum={bn_momentum} must be in (0, 1] (PyTorch's: the weight of the "
                               f"batch's statistics in the running ones)")
         self.act = ACTIVATIONS[activation]
+        if activation != "relu":  # RobustBench's SiLU WRN (DMWideResNet) pads its strided convolutions otherwise
+            self.robustbench = None
         n = (depth - 4) // 6
         self.depth, self.widen_factor = depth, widen_factor
         self.architecture = f"WideResNet-{depth}-{widen_factor}"

@@ -10,7 +10,6 @@ RobustBench model card and ssat's own (selector, budget, pool size, seconds).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from ssat.config import compose_job
 from ssat.errors import FAILED, SsatError, during_work
 from ssat.pipeline import check_autoattack
 from ssat.pipeline.runner import Runner
-from ssat.run_dir import Target, target
+from ssat.run_dir import Target, target, target_parser
 from ssat.stages import evaluate
 from ssat.stages.data import DATA
 from ssat.stages.model_file import file_stage, saved_stage
@@ -128,11 +127,7 @@ def summary(card: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssat.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", type=Path, help="a run directory of python -m ssat.run, or a model file")
-    parser.add_argument("overrides", nargs="*", help="config overrides (for a model file: those that build its "
-                                                     "model, e.g. dataset=cifar10 model=wrn28_10)")
+    parser = target_parser("python -m ssat.evaluate", __doc__)
     parser.add_argument("--out", type=Path, help=f"the model card (default: <run dir>/{CARD}, or "
                                                  f"<file>.{CARD} beside a model file)")
     parser.add_argument("--name", help="the card's model name (default: the run directory's or file's name)")

@@ -12,7 +12,6 @@ and leaves them out when it does not (mean 0, std 1), so that it loads strictly 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ssat.config import build, compose_job
 from ssat.errors import FAILED, ConfigError, SsatError
 from ssat.models import Classifier
 from ssat.pipeline import load_data
-from ssat.run_dir import target
+from ssat.run_dir import target, target_parser
 
 SUFFIX = "robustbench.pt"
 
@@ -61,11 +60,7 @@ def loading_note(model: Classifier) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssat.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", type=Path, help="a run directory of python -m ssat.run, or a model file")
-    parser.add_argument("overrides", nargs="*", help="config overrides (for a model file: those that build its "
-                                                     "model, e.g. dataset=cifar10 model=wrn28_10)")
+    parser = target_parser("python -m ssat.export", __doc__)
     parser.add_argument("--out", type=Path, help=f"the exported file (default: <run dir>/{SUFFIX}, or "
                                                  f"<file>.{SUFFIX} beside a model file)")
     args = parser.parse_args(argv)

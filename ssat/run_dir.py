@@ -4,6 +4,7 @@ overrides that build its model (``dataset=cifar10 model=wrn28_10``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,3 +47,13 @@ def target(path: Path) -> Target:
     if not path.is_file():
         raise ConfigError(f"{path}: no such run directory or model file")
     return Target(path, [], None, path.parent, path.stem)
+
+
+def target_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The command line of the tools that take a run directory or a model file, then config overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", type=Path, help="a run directory of python -m ssat.run, or a model file")
+    parser.add_argument("overrides", nargs="*", help="config overrides (for a model file: those that build its "
+                                                     "model, e.g. dataset=cifar10 model=wrn28_10)")
+    return parser

@@ -22,9 +22,12 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     exit 1
 }
 
+# The machine's CPUs: GNU nproc lowers its answer to $OMP_NUM_THREADS, which `make test` sets to 1.
+cpu_count() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
 write_conf() {
     local cpus mem_mb
-    cpus=$(nproc)
+    cpus=$(cpu_count)
     mem_mb=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
     for f in slurm.conf cgroup.conf; do
         if [[ -e $CONF_DIR/$f ]] && ! grep -qF "$MARK" "$CONF_DIR/$f"; then
@@ -98,7 +101,7 @@ start() {
     wait_for 20 slurmctld bash -c 'scontrol ping | grep -q "is UP"'
     slurmd -N localhost
     wait_for 30 "the node" bash -c 'sinfo -h -n localhost -o %T | grep -qE "^(idle|mixed|allocated)"'
-    echo "slurm_local: cluster up (partition local, node localhost: $(nproc) CPUs); stop with $0 stop"
+    echo "slurm_local: cluster up (partition local, node localhost: $(cpu_count) CPUs); stop with $0 stop"
 }
 
 stop_pid() {  # stop_pid NAME: stops the daemon whose pid file this script's state holds

@@ -122,7 +122,7 @@ def fix_hint(params: dict[str, Any], partition: str) -> str:
         "gpus_per_task": ((params.get("gpus_per_task") or 0) * tasks, most_gpus, "GPUs"),
         "gpus_per_node": (params.get("gpus_per_node") or 0, most_gpus, "GPUs"),
     }
-    over = [f"hydra.launcher.{key}={params[key]} exceeds every node ({most} {unit})"
+    over = [f"hydra.launcher.{key}={params[key]}{per_node(key, tasks)} exceeds every node ({most} {unit})"
             for key, (need, most, unit) in needs.items() if need > most]
     limit = nodes[0][3]
     limit_min = minutes(limit)
@@ -131,6 +131,12 @@ def fix_hint(params: dict[str, Any], partition: str) -> str:
     if not over:
         return "the request fits a node: see why with sinfo -R and check hydra.launcher.additional_parameters"
     return f"{'; '.join(over)}: lower {'it' if len(over) == 1 else 'them'}"
+
+
+def per_node(key: str, tasks: int) -> str:
+    """' for each of tasks_per_node=2 tasks' where a per-task request is multiplied by the tasks on a node."""
+    return f" for each of hydra.launcher.tasks_per_node={tasks} tasks" if key.endswith("_per_task") and tasks > 1 \
+        else ""
 
 
 def gpu_count(gres: str) -> int:

@@ -44,7 +44,8 @@ def test_a_model_file_is_evaluated_as_robustbench_does(lab_model, tmp_path, caps
     assert card["eps"] == "8/255" and card["threat_model"] == "Linf" and card["architecture"] == "SmallCNN-8"
     assert card["ssat"]["pgd"]["eps"] == pytest.approx(8 / 255)
     assert card["ssat"]["autoattack_version"] == "standard" and card["ssat"]["autoattack_num_points"] == 10
-    assert float(card["autoattack_acc"]) <= float(card["clean_acc"])
+    # AutoAttack attacks the first 10 test points: never above the model's clean accuracy on those points.
+    assert float(card["autoattack_acc"]) <= float(clean[:10].mean()) * 100
     assert card["ssat"]["sanity"]["checks"]["autoattack_not_above_pgd"]["num_points"] == 10
     assert card["additional_data"] is None and card["ssat"]["selector"] is None, "a bare file says nothing of these"
     info = robustbench["ModelInfo"](**{k: v for k, v in card.items() if k not in ("threat_model", "ssat")})

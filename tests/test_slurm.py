@@ -22,7 +22,8 @@ from ssat.config import build, check_command_line
 from ssat.errors import ConfigError
 from ssat.lightning.trainer import build_trainer
 from ssat.pipeline import load_data
-from ssat.slurm import gpu_count, minutes
+from ssat import slurm
+from ssat.slurm import fix_hint, gpu_count, minutes
 from ssat.stages.embed import embed_pool
 from test_faults import outcome
 
@@ -46,6 +47,20 @@ def test_slurm_time_limits_read_in_minutes(limit, expected):
                                             ("gpu:a100:2,gpu:v100:2", 4)])
 def test_node_gpus_read_from_sinfo_gres(gres, expected):
     assert gpu_count(gres) == expected
+
+
+@pytest.mark.parametrize("params, hint", [
+    ({"cpus_per_task": 1, "tasks_per_node": 2},
+     "hydra.launcher.cpus_per_task=1 for each of hydra.launcher.tasks_per_node=2 tasks exceeds every node (1 CPUs)"),
+    ({"cpus_per_task": 4, "mem_gb": 64},
+     "hydra.launcher.cpus_per_task=4 exceeds every node (1 CPUs); hydra.launcher.mem_gb=64 exceeds every node"),
+    ({"cpus_per_task": 1, "timeout_min": 90}, "hydra.launcher.timeout_min=90 exceeds the partition's limit (1:00:00)"),
+    ({"cpus_per_task": 1}, "the request fits a node")])
+def test_a_request_no_node_fits_is_named_by_the_settings_that_exceed_it(monkeypatch, params, hint):
+    """What sinfo says a node of 1 CPU and 2 GB offers, against the launcher settings of a job it will never start."""
+    sinfo = subprocess.CompletedProcess([], 0, stdout="1|2000|(null)|1:00:00\n")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *args, **kwargs: sinfo)
+    assert hint in fix_hint(params, "local")
 
 
 # What srun sets in rank 9 of a job of 2 nodes x 8 tasks.

@@ -93,7 +93,9 @@ def test_wandb_multirun_gives_one_offline_run_per_job(wandb_sweep):
         assert run.summary["evaluate/robust_acc"] == results["robust_acc"]
         assert run.summary["intermediate/cached"] is True and run.summary["ssat/cached"] is False
         assert run.summary["select/selected"] == results["n_selected"]
-        (artifact,) = run.artifacts
+        # One results artifact (the job's files); the sanity table is W&B's own run_table artifact.
+        assert sorted(a.type for a in run.artifacts) == ["results", "run_table"]
+        (artifact,) = [a for a in run.artifacts if a.type == "results"]
         assert {entry.path for entry in artifact.manifest.contents} == {"results.json", "selection.npy",
                                                                         "scores.npy"}
         runs.append(run.run.run_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -191,8 +192,7 @@ class StageCache:
         except (OSError, ValueError, KeyError, TypeError) as err:
             record, problem = None, f"{RECORD} is unreadable ({type(err).__name__}: {err})"
         if problem is not None:
-            aside = final.with_name(f"{key}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            os.rename(final, aside)
+            aside = move_aside(final, f"{key}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
             log.warning("!!! cache: %s is corrupt (%s); moved aside to %s, computing stage %s again",
                         final, problem, aside.name, name)
             return None
@@ -221,3 +221,16 @@ class StageCache:
             record = json.loads(record_file.read_text())
             seconds, info = record["seconds"], record["info"]
         return StageResult(name, key, final, seconds, False, info)
+
+
+def move_aside(folder: Path, name: str) -> Path:
+    """Renames ``folder`` to ``name`` in its parent, or ``name-1``, ``name-2``, ... where one process already moved
+    a corrupt copy aside under that name within the same second."""
+    for n in itertools.count():
+        aside = folder.with_name(name if n == 0 else f"{name}-{n}")
+        try:
+            os.rename(folder, aside)  # onto an existing non-empty folder: ENOTEMPTY/EEXIST, never a merge
+            return aside
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not aside.exists():
+                raise

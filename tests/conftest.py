@@ -97,11 +97,12 @@ TINY = ["intermediate.epochs=2", "ssat.epochs=1", "eval.pgd.steps=2", "eval.val_
         "eval.sanity.num_points=20", "eval.sanity.noise_samples=1"]
 
 
-def run_in_process(*overrides: str, tmp_path: Path, tiny: bool = True) -> dict:
-    """The pipeline in this process on the composed config (no subprocess, no Hydra job): its results.json."""
+def run_in_process(*overrides: str, tmp_path: Path, tiny: bool = True, cache_dir: Path | None = None) -> dict:
+    """The pipeline in this process on the composed config (no subprocess, no Hydra job): its results.json. The
+    cache is ``tmp_path / "cache"`` unless runs share ``cache_dir``."""
     from ssat.pipeline import run_pipeline
 
-    cfg = compose(*(TINY if tiny else []), *overrides, f"cache_dir={tmp_path / 'cache'}")
+    cfg = compose(*(TINY if tiny else []), *overrides, f"cache_dir={cache_dir or tmp_path / 'cache'}")
     return run_pipeline(cfg, tmp_path / "run")
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
-from conftest import run_ssat
+from conftest import run_in_process
 from ssat.cache import RECORD, StageCache
 
 GENERATION_FAST = ["generation.pretrain.epochs=2", "generation.finetune.epochs=1", "generation.num_images=64",
@@ -62,6 +63,21 @@ def test_a_corrupt_stage_is_moved_aside_and_computed_again(tmp_path, caplog, dam
     assert cache.run("embed", "0123456789abcdef", {"seed": 0}, compute).cached  # the recomputed stage is whole again
 
 
+def test_a_stage_corrupted_twice_in_one_second_by_one_process_is_moved_aside_twice(tmp_path, monkeypatch):
+    """The aside folder's name holds the time to the second and the pid: a second one gets a suffix."""
+    import ssat.cache
+
+    monkeypatch.setattr(ssat.cache.time, "strftime", lambda fmt: "20261202-120000")
+    cache, compute = StageCache(tmp_path), Writes()
+    for _ in range(2):
+        first = cache.run("embed", "0123456789abcdef", {"seed": 0}, compute)
+        flip_a_bit(first.path / "sub" / "data.bin")
+    assert not cache.run("embed", "0123456789abcdef", {"seed": 0}, compute).cached
+    aside = [p.name for p in (tmp_path / "embed").iterdir() if ".corrupt-" in p.name]
+    assert sorted(aside) == ["0123456789abcdef.corrupt-20261202-120000-" + str(os.getpid()) + suffix
+                             for suffix in ("", "-1")] and compute.calls == 3
+
+
 # Per stage of the pipeline: a file it wrote and how it is damaged (each artifact type in turn).
 ARTIFACTS = [
     ("intermediate", "model.pt", flip_a_bit),
@@ -71,32 +87,31 @@ ARTIFACTS = [
     ("select", "selection.npy", flip_a_bit),
     ("pseudo_label", "pseudo_labels.npy", truncate),
     ("ssat", "model.pt", truncate),
-    ("evaluate", "flags/pgd/000000000-000000360.npy", flip_a_bit),
+    ("evaluate", "flags/pgd/000000000-000000060.npy", flip_a_bit),  # TINY: 60 test points
 ]
 SAME = ("selection_sha256", "clean_acc", "robust_acc", "pseudo_label_acc", "intermediate_val_acc", "ssat_epochs")
 
 
-@pytest.mark.slow
-def test_every_corrupt_pipeline_artifact_is_reported_and_recomputed_to_the_same_result(tmp_path):
-    cache = tmp_path / "cache"
-    baseline = run_ssat(run_dir=tmp_path / "baseline", cache_dir=cache).results
+def test_every_corrupt_pipeline_artifact_is_reported_and_recomputed_to_the_same_result(tmp_path, caplog):
+    """In process on the tiny schedule, one cache: each run after the first finds one damaged file."""
+    baseline = run_in_process(tmp_path=tmp_path / "baseline")
     for i, (stage, file, corrupt) in enumerate(ARTIFACTS):
         corrupt(Path(baseline["stage_dirs"][stage]) / file)
-        run = run_ssat(run_dir=tmp_path / f"run{i}", cache_dir=cache)
-        log = run.proc.stdout + run.proc.stderr
-        lines = [line for line in log.splitlines() if "is corrupt" in line]
-        assert len(lines) == 1 and f"{stage}/{baseline['stage_keys'][stage]}" in lines[0] and file in lines[0], log
-        results = run.results
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ssat"):
+            results = run_in_process(tmp_path=tmp_path / f"run{i}", cache_dir=tmp_path / "baseline" / "cache")
+        lines = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+        assert len(lines) == 1 and f"{stage}/{baseline['stage_keys'][stage]}" in lines[0] and file in lines[0], lines
         assert [name for name, cached in results["cached"].items() if not cached] == [stage]
         assert {k: results[k] for k in SAME} == {k: baseline[k] for k in SAME}, (stage, file)
 
 
-@pytest.mark.slow
-def test_a_corrupt_generated_pool_is_recomputed(tmp_path):
+def test_a_corrupt_generated_pool_is_recomputed(tmp_path, caplog):
     cache = tmp_path / "cache"
-    baseline = run_ssat("selector=lcg_km", *GENERATION_FAST, run_dir=tmp_path / "baseline", cache_dir=cache).results
+    baseline = run_in_process("selector=lcg_km", *GENERATION_FAST, tmp_path=tmp_path / "baseline", cache_dir=cache)
     truncate(Path(baseline["stage_dirs"]["sample"]) / "images.npy")
-    run = run_ssat("selector=lcg_km", *GENERATION_FAST, run_dir=tmp_path / "again", cache_dir=cache)
-    assert "images.npy has" in run.proc.stdout + run.proc.stderr
-    assert [name for name, cached in run.results["cached"].items() if not cached] == ["sample"]
-    assert {k: run.results[k] for k in SAME} == {k: baseline[k] for k in SAME}
+    with caplog.at_level(logging.WARNING, logger="ssat"):
+        results = run_in_process("selector=lcg_km", *GENERATION_FAST, tmp_path=tmp_path / "again", cache_dir=cache)
+    assert any("images.npy has" in r.getMessage() for r in caplog.records)
+    assert [name for name, cached in results["cached"].items() if not cached] == ["sample"]
+    assert {k: results[k] for k in SAME} == {k: baseline[k] for k in SAME}

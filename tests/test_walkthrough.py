@@ -40,7 +40,7 @@ def steps() -> list[tuple[str, str]]:
 
 def test_the_section_has_every_step():
     commands = [body.split()[2] for kind, body in steps() if kind == "shell"]
-    assert commands == ["ssat.run", "ssat.evaluate", "ssat.evaluate", "ssat.export"]
+    assert commands == ["ssat.run", "ssat.evaluate", "ssat.export"]
     assert [kind for kind, _ in steps()].count("python") == 2
 
 
@@ -66,9 +66,8 @@ def test_the_walkthrough_runs_as_written(tmp_path, robustbench):
     assert card["ssat"]["selector"] == "lcs_km" and card["ssat"]["budget"] == 0.2
     assert card["ssat"]["pool_size"] == results["n_pool"] and card["ssat"]["total_seconds"] == results["total_seconds"]
     assert card["eps"] == "8/255" and card["additional_data"] is False and card["ssat"]["num_test"] == 360
-    assert card["ssat"]["autoattack_num_points"] == 20 and card["ssat"]["sanity_passed"]
+    assert card["ssat"]["autoattack_num_points"] == 10 and card["ssat"]["sanity_passed"]
     assert card["ssat"]["sanity"]["checks"]["autoattack_not_above_pgd"]["passed"]
-    assert (tmp_path / "lab_wrn.model_card.json").exists()
     assert (run / "robustbench.pt").exists()
     printed = re.search(r"clean accuracy in RobustBench's class: ([\d.]+)", outputs[-1]).group(1)
     assert printed == card["clean_acc"], "the exported model in RobustBench's class is the evaluated one"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -107,20 +105,20 @@ class Records(logging.Handler):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None or not Path(sysconfig.get_paths()["include"], "Python.h").is_file(),
-                    reason="torch.compile's inductor needs a C++ compiler and Python's headers on CPU")
 def test_compile_runs_the_pipeline_compiled_without_graph_breaks_or_reaching_the_recompile_limit(tmp_path):
-    """trainer.compile=true with bf16 autocast (trainer=gpu's precision) through intermediate training, TRADES with
-    the EMA, validation PGD and the evaluation: the model's forward compiles whole (no graph break), and the
-    train, eval, attack and no-grad variants stay under Dynamo's recompile limit, past which it would fall back to
-    eager without failing (a silent slowdown on a GPU)."""
+    """trainer.compile with bf16 autocast (trainer=gpu's precision) through intermediate training, TRADES with the
+    EMA, validation PGD and the evaluation: the model's forward compiles whole (no graph break), and the train,
+    eval, attack and no-grad variants stay under Dynamo's recompile limit, past which it would fall back to eager
+    without failing (a silent slowdown on a GPU). Dynamo's capture is the same for every backend; aot_eager traces
+    the forward and backward graphs without inductor's code generation (C++ here, Triton on a GPU: a third of the
+    time)."""
     torch._dynamo.reset()
     counters.clear()
     dynamo_log = Records()
     logging.getLogger("torch._dynamo").addHandler(dynamo_log)
     try:
-        results = run_in_process(*BF16, "trainer.compile=true", "intermediate.epochs=1", "ssat.ema.decay=0.9",
-                                 "ssat.batches_per_epoch=2", tmp_path=tmp_path)
+        results = run_in_process(*BF16, "trainer.compile={backend: aot_eager}", "intermediate.epochs=1",
+                                 "ssat.ema.decay=0.9", "ssat.batches_per_epoch=2", tmp_path=tmp_path)
     finally:
         logging.getLogger("torch._dynamo").removeHandler(dynamo_log)
     assert counters["stats"]["unique_graphs"] >= 4  # train, no-grad, attack (frozen weights) and input-grad graphs

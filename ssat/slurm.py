@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import time
 from typing import Any, Sequence
@@ -20,8 +21,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 5.0
 # How long a job must look hopeless before the sweep ends: a node coming back, a requeue between two states or a
-# result file that a network file system shows late do not end it.
-GRACE_S = 30.0
+# result file that a network file system shows late do not end it (SSAT_SLURM_GRACE_S sets it).
+GRACE_S = float(os.environ.get("SSAT_SLURM_GRACE_S", 30))
 # A job that SLURM ends FAILED (or PREEMPTED, TIMEOUT, NODE_FAIL) may still come back: submitit requeues it on a
 # preemption or a time limit, and SLURM holds a requeued job for about two minutes before it is PENDING again.
 REQUEUE_GRACE_S = 240.0

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's marker
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
 
+# A hopeless job ends the sweep after 5 s of looking so here, not the default 30 s.
+GRACE_S = 5
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
 # Tiny schedules and one CPU per job: the two CPUs of a CI machine run two jobs at once.
 TINY = ["intermediate.epochs=3", "eval.pgd.steps=3", "eval.val_pgd.steps=2", "hydra/launcher=slurm",
@@ -130,7 +132,8 @@ def sweep(*overrides: str, sweep_dir: Path, cache_dir: Path) -> subprocess.Popen
     """`python -m ssat.run -m hydra/launcher=slurm ...`: submits the array and waits for its jobs."""
     return subprocess.Popen([sys.executable, "-m", "ssat.run", "-m", *TINY, *overrides, f"cache_dir={cache_dir}",
                              f"hydra.sweep.dir={sweep_dir}"], cwd=sweep_dir.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "SSAT_SLURM_GRACE_S": str(GRACE_S)})
 
 
 def finish(proc: subprocess.Popen) -> str:

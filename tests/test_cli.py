@@ -3,24 +3,58 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from cifar_archive import extract_cifar_subset
-from conftest import run_ssat
+from conftest import Run, compose, run_ssat
 
 pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
 
 SELECTORS = ["full", "random", "pcs", "lcs_km", "lcs_gmm"]
 BOUNDARY = {"full": 0.0, "random": 0.0, "pcs": 0.4, "lcs_km": 0.4, "lcs_gmm": 0.4}
 
+# FAST's intermediate model (what the selection depends on) with a shorter SSAT: 24 fixed batches still train
+# every selector well above chance (clean accuracy about 0.9 at seeds 0 and 1), and a cheaper evaluation.
+INTERMEDIATE = ["intermediate.epochs=10"]
+SCHEDULE = [*INTERMEDIATE, "ssat.epochs=3", "ssat.batches_per_epoch=8", "eval.pgd.steps=5", "eval.val_pgd.steps=2",
+            "eval.sanity.num_points=60", "eval.sanity.noise_samples=2"]
+# For the runs whose assertions are about the selection or the cache, not about the trained model.
+PLUMBING = [*INTERMEDIATE, "ssat.epochs=1", "ssat.batches_per_epoch=2", "eval.pgd.steps=2", "eval.val_pgd.steps=1",
+            "test_size=60", "eval.sanity.num_points=20", "eval.sanity.noise_samples=1"]
+
+
+def in_process(*overrides: str, cache_dir, run_dir) -> dict:
+    """The pipeline in this process on the composed config against ``cache_dir``: its results.json."""
+    from ssat.pipeline import run_pipeline
+
+    return run_pipeline(compose(*overrides, f"cache_dir={cache_dir}"), run_dir)
+
+
+def job_output(proc, number: int) -> str:
+    """The part of a basic-launcher multirun's output that job ``number`` printed (Hydra's `#n : ...` lines
+    separate the jobs)."""
+    text = proc.stdout + proc.stderr
+    parts = re.split(r"^.*\[HYDRA\]\s+#(\d+) : .*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))[str(number)]
+
 
 @pytest.fixture(scope="session")
 def selector_runs(tmp_path_factory, shared_cache):
-    """Each selector at budget 0.2, one after the other against one cache, as a sweep would run them."""
+    """Each selector at budget 0.2, one after the other against one cache: one multirun process, as a sweep."""
     root = tmp_path_factory.mktemp("selector_runs")
-    return {s: run_ssat(f"selector={s}", "budget=0.2", run_dir=root / s, cache_dir=shared_cache) for s in SELECTORS}
+    sweep = root / "sweep"
+    proc = run_ssat("-m", f"selector={','.join(SELECTORS)}", "budget=0.2", *SCHEDULE, f"hydra.sweep.dir={sweep}",
+                    fast=False, run_dir=root / "unused", cache_dir=shared_cache).proc
+    runs = {}
+    for number, selector in enumerate(SELECTORS):
+        (job_dir,) = sweep.glob(f"{number}_*")
+        run = Run(type(proc)(proc.args, proc.returncode, job_output(proc, number), ""), job_dir)
+        assert run.results["selector"] == selector
+        runs[selector] = run
+    return runs
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
@@ -56,34 +90,38 @@ def test_sweep_trains_the_intermediate_model_and_embeds_the_pool_once(selector_r
 
 
 def test_rerun_takes_every_stage_from_the_cache(selector_runs, shared_cache, tmp_path):
-    again = run_ssat("selector=lcs_km", "budget=0.2", run_dir=tmp_path / "again", cache_dir=shared_cache)
+    again = in_process("selector=lcs_km", "budget=0.2", *SCHEDULE, cache_dir=shared_cache,
+                        run_dir=tmp_path / "run")
     before = selector_runs["lcs_km"].results
-    assert all(again.results["cached"].values())
-    assert again.results["stage_keys"] == before["stage_keys"]
-    assert again.results["robust_acc"] == before["robust_acc"]
-    np.testing.assert_array_equal(again.selection, selector_runs["lcs_km"].selection)
+    assert all(again["cached"].values())
+    assert again["stage_keys"] == before["stage_keys"]
+    assert again["robust_acc"] == before["robust_acc"]
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "selection.npy"), selector_runs["lcs_km"].selection)
 
 
 def test_same_seed_selects_the_same_points_bit_for_bit(selector_runs, tmp_path):
     """A fresh cache recomputes everything (intermediate training included) and must land on the same selection."""
-    fresh = run_ssat("selector=lcs_km", "budget=0.2", run_dir=tmp_path / "fresh", cache_dir=tmp_path / "cache")
-    assert not any(fresh.results["cached"].values())
-    np.testing.assert_array_equal(fresh.selection, selector_runs["lcs_km"].selection)
-    np.testing.assert_array_equal(np.load(fresh.run_dir / "scores.npy"),
+    fresh = in_process("selector=lcs_km", "budget=0.2", *PLUMBING, cache_dir=tmp_path / "cache",
+                       run_dir=tmp_path / "fresh")
+    assert not any(fresh["cached"].values())
+    np.testing.assert_array_equal(np.load(tmp_path / "fresh" / "selection.npy"), selector_runs["lcs_km"].selection)
+    np.testing.assert_array_equal(np.load(tmp_path / "fresh" / "scores.npy"),
                                   np.load(selector_runs["lcs_km"].run_dir / "scores.npy"))
 
 
 def test_another_seed_selects_differently(selector_runs, shared_cache, tmp_path):
-    other = run_ssat("selector=lcs_km", "budget=0.2", "seed=1", run_dir=tmp_path / "seed1", cache_dir=shared_cache)
-    assert other.results["seed"] == 1
-    assert not np.array_equal(np.sort(other.selection), np.sort(selector_runs["lcs_km"].selection))
+    other = in_process("selector=lcs_km", "budget=0.2", "seed=1", *PLUMBING, cache_dir=shared_cache,
+                       run_dir=tmp_path / "run")
+    assert other["seed"] == 1
+    assert not np.array_equal(np.sort(np.load(tmp_path / "run" / "selection.npy")),
+                              np.sort(selector_runs["lcs_km"].selection))
 
 
 def test_multirun_over_selectors_and_budgets(selector_runs, shared_cache, tmp_path):
     """Hydra's sweep grammar (choice(...) here) reaches Hydra's sweeper whole: ssat's checks parse it the same way."""
     sweep = tmp_path / "sweep"
-    run_ssat("-m", "selector=choice(random,lcs_gmm)", "budget=0.1,0.2", f"hydra.sweep.dir={sweep}",
-             run_dir=tmp_path / "unused", cache_dir=shared_cache)
+    run_ssat("-m", "selector=choice(random,lcs_gmm)", "budget=0.1,0.2", *PLUMBING, f"hydra.sweep.dir={sweep}",
+             fast=False, run_dir=tmp_path / "unused", cache_dir=shared_cache)
     found = {}
     for path in sorted(sweep.glob("*/results.json")):
         results = json.loads(path.read_text())
@@ -137,12 +175,12 @@ def test_npz_pool_in_parts_selects_exactly_as_the_pool_held_in_memory(selector_r
         save = np.savez_compressed if i == 1 else np.savez
         save(path, image=data.pool_images[rows, 0], label=data.pool_hidden_labels[rows])
         parts.append(str(path))
-    run = run_ssat("pool=npz", f"pool.paths=[{','.join(parts)}]", "selector=lcs_km", "budget=0.2",
-                   run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    results = in_process("pool=npz", f"pool.paths=[{','.join(parts)}]", "selector=lcs_km", "budget=0.2",
+                         *PLUMBING, "test_size=null", cache_dir=tmp_path / "cache", run_dir=tmp_path / "run")
     in_memory = selector_runs["lcs_km"]
-    assert run.results["sizes"] == in_memory.results["sizes"]
-    np.testing.assert_array_equal(run.selection, in_memory.selection)
-    assert run.results["pseudo_label_acc"] == in_memory.results["pseudo_label_acc"]
+    assert results["sizes"] == in_memory.results["sizes"]
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "selection.npy"), in_memory.selection)
+    assert results["pseudo_label_acc"] == in_memory.results["pseudo_label_acc"]
     assert (tmp_path / "cache" / "pools").is_dir()
 
 
@@ -152,9 +190,8 @@ GENERATION_FAST = ["generation.pretrain.epochs=2", "generation.finetune.epochs=1
 
 def test_guided_generation_runs_the_whole_chain(selector_runs, shared_cache, tmp_path):
     """selector=lcg_km on digits: a small DDPM is pretrained, fine-tuned with guidance, sampled and trained on."""
-    run = run_ssat("selector=lcg_km", "generation.plain_fraction=0.25", *GENERATION_FAST,
-                   run_dir=tmp_path / "run", cache_dir=shared_cache)
-    results = run.results
+    results = in_process("selector=lcg_km", "generation.plain_fraction=0.25", *GENERATION_FAST, *PLUMBING,
+                         cache_dir=shared_cache, run_dir=tmp_path / "run")
     assert results["n_generated"] == results["n_selected"] == results["sizes"]["pool"] == 64
     assert results["guidance"] == {"name": "lcg_km"}
     assert results["budget"] == 0.2, "the budget that sized the generated pool, not 1 for using it whole"
@@ -178,17 +215,19 @@ def test_unreachable_ddpm_fails_before_any_training(tmp_path):
 def test_full_evaluation_with_ema_and_early_stopping(shared_cache, tmp_path):
     """experiment=autoattack (on a few test points), PGD with the CW loss and restarts, EMA and early stopping:
     everything lands in results.json and the printed table."""
-    run = run_ssat("experiment=autoattack", "eval.autoattack.num_points=24", "eval.pgd.loss=cw",
-                   "eval.pgd.restarts=2", "ssat.ema.decay=0.9", "ssat.early_stopping.patience=2",
-                   "eval.sanity.num_points=100", run_dir=tmp_path / "run", cache_dir=shared_cache)
+    run = run_ssat("experiment=autoattack", "eval.autoattack.num_points=8", "eval.pgd.loss=cw",
+                   "eval.pgd.restarts=2", "ssat.ema.decay=0.9", "ssat.early_stopping.patience=2", *INTERMEDIATE,
+                   "ssat.epochs=4", "ssat.batches_per_epoch=4", "eval.pgd.steps=5", "eval.val_pgd.steps=2",
+                   "eval.sanity.num_points=40", "eval.sanity.noise_samples=2", fast=False,
+                   run_dir=tmp_path / "run", cache_dir=shared_cache)
     results = run.results
     assert results["ssat_ema"] is True
     assert 1 <= results["ssat_epochs_to_convergence"] == results["ssat_best_epoch"] + 1 <= results["ssat_epochs"]
-    assert results["ssat_early_stopped"] == (results["ssat_epochs"] < 6)
-    assert results["autoattack_num_points"] == 24
+    assert results["ssat_early_stopped"] == (results["ssat_epochs"] < 4)
+    assert results["autoattack_num_points"] == 8
     assert 0 <= results["autoattack_acc"] <= 1
     sanity = results["sanity"]
-    assert results["sanity_passed"] == sanity["passed"] and sanity["num_points"] == 100
+    assert results["sanity_passed"] == sanity["passed"] and sanity["num_points"] == 40
     assert set(sanity["checks"]) == {"pgd_eps0_equals_clean", "robust_acc_falls_with_eps", "pgd_beats_random_noise",
                                      "autoattack_not_above_pgd"}
     assert sanity["checks"]["pgd_eps0_equals_clean"]["passed"]

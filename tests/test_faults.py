@@ -27,8 +27,11 @@ from ssat.lightning.trainer import build_trainer
 from ssat.models import SmallCNN
 from ssat.stages.training import FitSettings, TrainingJob, fit
 
-EPOCHS, BATCHES = 8, 5
-SHORT_SSAT = [f"ssat.epochs={EPOCHS}", f"ssat.batches_per_epoch={BATCHES}"]
+EPOCHS, BATCHES = 4, 3
+# A short run before SSAT and a small evaluation after it: the kill lands in SSAT's epochs.
+SHORT_SSAT = ["intermediate.epochs=2", "eval.pgd.steps=2", "eval.val_pgd.steps=1", "test_size=60",
+              "eval.sanity.num_points=20", "eval.sanity.noise_samples=1", f"ssat.epochs={EPOCHS}",
+              f"ssat.batches_per_epoch={BATCHES}"]
 
 
 def committed(cache: Path, stage: str) -> list[Path]:
@@ -79,7 +82,7 @@ def test_fit_resumed_from_last_ckpt_ends_with_the_uninterrupted_weights_bit_for_
 @pytest.mark.slow
 def test_kill_9_mid_ssat_then_rerun_resumes_to_the_same_final_epoch(tmp_path):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    args = [sys.executable, "-m", "ssat.run", *FAST, *SHORT_SSAT, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
+    args = [sys.executable, "-m", "ssat.run", *SHORT_SSAT, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
@@ -97,7 +100,7 @@ def test_kill_9_mid_ssat_then_rerun_resumes_to_the_same_final_epoch(tmp_path):
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
     assert killed_at < EPOCHS - 1
 
-    rerun = run_ssat(*SHORT_SSAT, run_dir=run_dir, cache_dir=cache)
+    rerun = run_ssat(*SHORT_SSAT, run_dir=run_dir, cache_dir=cache, fast=False)
     out = rerun.proc.stdout + rerun.proc.stderr
     assert "Restoring states from the checkpoint" in out
     results = rerun.results
@@ -203,8 +206,11 @@ def test_full_disk_fails_with_a_message_and_commits_nothing(tmp_path):
 
 # --- kill anywhere: SIGKILL in every stage, then the same command: the uninterrupted run's results, bit for bit
 
-SHORT = ["intermediate.epochs=5", "ssat.epochs=3", "eval.pgd.steps=5", "eval.val_pgd.steps=2", "seed=7",
-         "eval.chunk_size=100"]
+# Three epochs of each training stage (a kill, a resume and a kill in a later epoch, then the rest), three chunks of
+# evaluation (the kill after the first), a small sanity check.
+SHORT = ["intermediate.epochs=3", "ssat.epochs=3", "ssat.batches_per_epoch=2", "eval.pgd.steps=3",
+         "eval.val_pgd.steps=1", "seed=7", "test_size=120", "eval.chunk_size=40", "eval.sanity.num_points=40",
+         "eval.sanity.noise_samples=2"]
 TINY_GENERATION = ["selector=lcg_km", "generation.pretrain.epochs=3", "generation.finetune.epochs=2",
                    "generation.num_images=64", "generation.sampler.num_inference_steps=4",
                    "generation.sampler.batch_size=16", "ssat.epochs=2"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import run_ssat
+from conftest import TINY, Run, compose, run_ssat
 from test_bad_input import assert_one_line_error
 from ssat.data.datasets import load_digits
 from ssat.data.splits import split_pool
@@ -26,6 +26,18 @@ def digits_pool(tmp_path_factory):
     return folder, shifted
 
 
+# The labels' test needs a trained intermediate model (FAST's 10 epochs), not a trained SSAT model.
+PLUMBING = [*TINY, "intermediate.epochs=10", "ssat.batches_per_epoch=2"]
+
+
+def in_process(*overrides: str, run_dir, cache_dir) -> Run:
+    """The pipeline in this process on the composed config (the labels are results, not command-line output)."""
+    from ssat.pipeline import run_pipeline
+
+    run_pipeline(compose(*PLUMBING, *overrides, f"cache_dir={cache_dir}"), run_dir)
+    return Run(None, run_dir)
+
+
 def training_labels(run, cache) -> np.ndarray:
     return np.load(cache / "pseudo_label" / run.results["stage_keys"]["pseudo_label"] / "pseudo_labels.npy")
 
@@ -35,8 +47,8 @@ def test_file_labels_train_by_default_and_intermediate_is_the_option(digits_pool
     folder, shifted = digits_pool
     common = ["pool=npz", f"pool.paths={folder / 'labelled.npz'}", "selector=random", "budget=0.2"]
     cache = tmp_path / "cache"
-    default = run_ssat(*common, run_dir=tmp_path / "file", cache_dir=cache)
-    option = run_ssat(*common, "pool.labels=intermediate", run_dir=tmp_path / "intermediate", cache_dir=cache)
+    default = in_process(*common, run_dir=tmp_path / "file", cache_dir=cache)
+    option = in_process(*common, "pool.labels=intermediate", run_dir=tmp_path / "intermediate", cache_dir=cache)
     np.testing.assert_array_equal(default.selection, option.selection)
     assert default.results["pool_labels"] == "file" and option.results["pool_labels"] == "intermediate"
     np.testing.assert_array_equal(training_labels(default, cache), shifted[default.selection])
@@ -66,7 +78,6 @@ def test_file_labels_need_labels_in_the_file(digits_pool, tmp_path, overrides, f
 @pytest.mark.slow
 def test_intermediate_labels_need_no_labels_in_the_file(digits_pool, tmp_path):
     folder, _ = digits_pool
-    run = run_ssat("pool=npz", f"pool.paths={folder / 'unlabelled.npz'}", "pool.labels=intermediate",
-                   "selector=random", "budget=0.1", "ssat.epochs=2", run_dir=tmp_path / "run",
-                   cache_dir=tmp_path / "cache")
+    run = in_process("pool=npz", f"pool.paths={folder / 'unlabelled.npz'}", "pool.labels=intermediate",
+                     "selector=random", "budget=0.1", run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
     assert run.results["pool_labels"] == "intermediate" and run.results["pseudo_label_acc"] is None

@@ -4,12 +4,13 @@ coresets (METHODS.md section 4), on small real problems and through the command 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_ssat
+from conftest import FAST, run_in_process, run_ssat
 from test_bad_input import assert_one_line_error
 from ssat.attacks import PGDATLoss, TradesLoss
 from ssat.attacks.losses import WeightedLoss
@@ -206,26 +207,32 @@ def test_coreset_callback_weights_and_resumes_from_its_state(digits, tmp_path):
 # ---------------------------------------------------------------- through the command line
 
 
-@pytest.mark.slow
+def run_fast(*overrides: str, tmp_path) -> dict:
+    """The pipeline in process on conftest's FAST schedule (a trained model: robust accuracy above 0)."""
+    return run_in_process(*FAST, *overrides, tmp_path=tmp_path, tiny=False)
+
+
 def test_data_pruning_trains_on_the_reduced_labeled_set_alone(tmp_path):
-    run = run_ssat("selector=random", "selection.target=labeled", "budget=0.5", run_dir=tmp_path / "run",
-                   cache_dir=tmp_path / "cache")
-    results = run.results
+    results = run_fast("selector=random", "selection.target=labeled", "budget=0.5", tmp_path=tmp_path)
+    selection = np.load(tmp_path / "run" / "selection.npy")
     assert results["target"] == "labeled" and results["pseudo_label_acc"] is None
     assert results["sizes"]["candidates"] == 300 and results["n_selected"] == 150
-    assert run.selection.max() < 300 and len(np.unique(run.selection)) == 150
+    assert selection.max() < 300 and len(np.unique(selection)) == 150
     record = json.loads((tmp_path / "cache" / "ssat" / results["stage_keys"]["ssat"] / "record.json").read_text())
     assert record["info"]["num_labeled"] == 150 and record["info"]["num_unlabeled"] == 0
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
-@pytest.mark.slow
-def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
+def logged(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_coreset_is_reselected_at_the_configured_epochs(tmp_path, caplog):
     """6 epochs, kappa 0.5, budget 0.3: warm start on every candidate for round(0.3 x 3) = 1 epoch, epochs 1-2
     skipped, coreset chosen at 3 and 5."""
-    run = run_ssat("selector=coreset_gradmatch", "budget=0.3", "selector.select_every=2", "selector.kappa=0.5",
-                   run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
-    results = run.results
+    with caplog.at_level(logging.INFO, logger="ssat"):
+        results = run_fast("selector=coreset_gradmatch", "budget=0.3", "selector.select_every=2",
+                           "selector.kappa=0.5", tmp_path=tmp_path)
     pool = results["sizes"]["pool"]
     assert results["n_selected"] == round(0.3 * pool) and results["sizes"]["candidates"] == pool
     assert [r["epoch"] for r in results["reselections"]] == [3, 5]
@@ -234,18 +241,17 @@ def test_coreset_is_reselected_at_the_configured_epochs(tmp_path):
     assert results["total_seconds"] >= results["timings"]["ssat"] >= results["selection_seconds"] - \
         results["timings"]["select"]
     assert "coreset coreset_gradmatch: %d of %d candidates chosen at epoch 5" % (results["n_selected"], pool) \
-        in run.proc.stdout + run.proc.stderr
+        in logged(caplog)
     assert 0 < results["robust_acc"] < results["clean_acc"]
 
 
-@pytest.mark.slow
-def test_coreset_of_the_labeled_set_is_plain_adversarial_training_on_a_weighted_subset(tmp_path):
+def test_coreset_of_the_labeled_set_is_plain_adversarial_training_on_a_weighted_subset(tmp_path, caplog):
     """ACS' own setting: no pool, CRAIG re-chooses half of the labeled set (by true labels) during training."""
-    run = run_ssat("selector=coreset_craig", "selection.target=labeled", "budget=0.5", "selector.select_every=2",
-                   "selector.kappa=0.5", run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
-    results = run.results
+    with caplog.at_level(logging.INFO, logger="ssat"):
+        results = run_fast("selector=coreset_craig", "selection.target=labeled", "budget=0.5",
+                           "selector.select_every=2", "selector.kappa=0.5", tmp_path=tmp_path)
     assert results["n_selected"] == 150 and [r["epoch"] for r in results["reselections"]] == [3, 5]
-    assert "coreset coreset_craig: 150 of 300 candidates chosen at epoch 3" in run.proc.stdout + run.proc.stderr
+    assert "coreset coreset_craig: 150 of 300 candidates chosen at epoch 3" in logged(caplog)
     record = json.loads((tmp_path / "cache" / "ssat" / results["stage_keys"]["ssat"] / "record.json").read_text())
     assert record["info"]["num_unlabeled"] == 0 and record["info"]["coreset_size"] == 150
     assert 0 < results["robust_acc"] < results["clean_acc"]

@@ -21,6 +21,12 @@ from ssat.models import SmallCNN
 FAST = ["intermediate.epochs=10", "ssat.epochs=6", "eval.pgd.steps=10", "eval.val_pgd.steps=3"]
 
 
+# Short enough for tests of plumbing through real processes (sweeps, W&B, reports): a few fixed SSAT batches, a
+# small evaluation; the intermediate model still learns (robust accuracy above 0).
+SHORT = ["intermediate.epochs=4", "ssat.epochs=2", "ssat.batches_per_epoch=4", "eval.pgd.steps=3",
+         "eval.val_pgd.steps=2", "test_size=120", "eval.sanity.num_points=40", "eval.sanity.noise_samples=2"]
+
+
 class Run:
     """A finished `python -m ssat.run` process and its run directory."""
 

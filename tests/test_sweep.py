@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
+from conftest import SHORT
 
 pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
 
@@ -20,7 +20,7 @@ wandb_records = pytest.importorskip("wandb_records", reason="wandb is not instal
 def start(*overrides: str, cwd: Path, cache_dir: Path, env: dict | None = None) -> subprocess.Popen:
     flags = [o for o in overrides if o.startswith("-")]
     overrides = [o for o in overrides if not o.startswith("-")]
-    return subprocess.Popen([sys.executable, "-m", "ssat.run", *flags, *FAST, *overrides, f"cache_dir={cache_dir}"],
+    return subprocess.Popen([sys.executable, "-m", "ssat.run", *flags, *SHORT, *overrides, f"cache_dir={cache_dir}"],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
@@ -63,7 +63,7 @@ def wandb_sweep(root, concurrent, tmp_path_factory):
     sweep = root / "wandb_sweep"
     home = tmp_path_factory.mktemp("home")  # no ~/.netrc with a W&B key
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    proc = subprocess.Popen([sys.executable, "-m", "ssat.run", "-m", *FAST, "logger=wandb", "selector=random",
+    proc = subprocess.Popen([sys.executable, "-m", "ssat.run", "-m", *SHORT, "logger=wandb", "selector=random",
                              "budget=0.3,0.4", f"cache_dir={root / 'cache'}", f"hydra.sweep.dir={sweep}"],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env, "HOME": str(home), "PYTHONUNBUFFERED": "1"})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
+from conftest import SHORT
 from ssat.report.table import COLUMNS, collect_results, results_table, summarise
 
 wandb_records = pytest.importorskip("wandb_records", reason="wandb is not installed (pip install -e '.[wandb]')")
@@ -25,7 +25,7 @@ def ssat_wandb(*overrides: str, cwd: Path, home: Path) -> subprocess.CompletedPr
     """`python -m ssat.run logger=wandb ...` offline (WANDB_MODE) with no W&B key in the environment or ~/.netrc."""
     flags = [o for o in overrides if o.startswith("-")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return subprocess.run([sys.executable, "-m", "ssat.run", *flags, *FAST, "logger=wandb", "selector=random",
+    return subprocess.run([sys.executable, "-m", "ssat.run", *flags, *SHORT, "logger=wandb", "selector=random",
                            *(o for o in overrides if not o.startswith("-"))], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env={**env, "HOME": str(home), "WANDB_MODE": "offline"})
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssat.choices import EMBED_DTYPES
 from ssat.selection.types import PoolEmbedding, Selection
 
 
@@ -37,7 +38,7 @@ class Embedding:
     """Penultimate features (N, D) in ``dtype`` and logits (N, K) float32 of the candidates, as .npy memory maps."""
 
     FEATURES, LOGITS = "features.npy", "logits.npy"
-    DTYPES = {"float32": np.float32, "float16": np.float16}
+    DTYPES = {name: getattr(np, name) for name in EMBED_DTYPES}
 
     @classmethod
     def paths(cls, folder: Path) -> tuple[Path, Path]:

@@ -19,8 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssat import distributed
-from ssat.clustering.kmeans import FAISS_MISSING
-from ssat.errors import ConfigError, SsatError, WriteError
+from ssat.errors import FAISS_MISSING, ConfigError, SsatError, WriteError
 from ssat.schema import check_config, did_you_mean
 
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from ssat.errors import ConfigError
@@ -85,18 +84,28 @@ def _exit_with_parent(period: float = 2.0) -> None:
 
 
 def initialized() -> bool:
+    """Whether this process is in a process group (torch is imported here, not with the module: the command
+    line's checks use is_ddp and placement before torch is needed)."""
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    import torch.distributed as dist
+
     return dist.get_rank() if initialized() else 0
 
 
 def world_size() -> int:
+    import torch.distributed as dist
+
     return dist.get_world_size() if initialized() else 1
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if initialized():
         dist.barrier()
 

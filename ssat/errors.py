@@ -7,6 +7,11 @@ import numpy as np
 # Exit codes of `python -m ssat.run`: bad input found before any work starts, or a run that failed later.
 BAD_INPUT, FAILED = 2, 1
 
+# faiss-cpu and faiss-gpu both install the module faiss (installing both leaves whichever wrote last), so the
+# package depends on neither and each comes with an extra.
+FAISS_MISSING = ("FAISS is not installed; install ssat with one of its FAISS extras: pip install -e '.[cpu]', "
+                 "or '.[gpu]' (faiss-gpu) on a machine with CUDA 12 drivers")
+
 
 class SsatError(Exception):
     """A problem with the user's input (config, data, files), or a stage that failed: printed as one line.

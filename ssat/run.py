@@ -13,12 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ssat import distributed, tracking
-from ssat.cache import WRITE_ERRNOS
 from ssat.config import check_command_line
 from ssat.errors import BAD_INPUT, FAILED, SsatError
-from ssat.pipeline import format_summary, run_pipeline
-from ssat.pipeline.summary import RESULTS
 
 log = logging.getLogger("ssat")
 
@@ -51,7 +47,15 @@ def remove_if_empty_of_work(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Runs one pipeline; returns the robust accuracy (what a Hydra sweeper would maximise)."""
+    """Runs one pipeline; returns the robust accuracy (what a Hydra sweeper would maximise).
+
+    The pipeline (torch, Lightning) is imported here, after the command line's checks: bad input fails without it.
+    """
+    from ssat import distributed, tracking
+    from ssat.cache import WRITE_ERRNOS
+    from ssat.pipeline import format_summary, run_pipeline
+    from ssat.pipeline.summary import RESULTS
+
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # optim.schedule=onecycle steps once per epoch on purpose (DM-Improves-AT's `cosinew`).
     warnings.filterwarnings("ignore", message=".*OneCycleLR. scheduler is using 'interval': 'epoch'.*")

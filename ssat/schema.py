@@ -18,18 +18,12 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssat.artifacts import Embedding
-from ssat.attacks.autoattack import VERSIONS
-from ssat.attacks.pgd import LOSSES
+from ssat.choices import (AUTOATTACK_VERSIONS, EMBED_DTYPES, PGD_LOSSES, PSEUDO_LABELS, SAMPLERS, SCHEDULES,
+                          SELECTION_TARGETS)
 from ssat.errors import ConfigError
-from ssat.generation.sampling import SAMPLERS
-from ssat.lightning.classifier import SCHEDULES
-from ssat.selection.labels import KINDS
-from ssat.selection.target import TARGETS
 
 
 def between(low: float | None = None, high: float | None = None, *, open_low: bool = False, open_high: bool = False,
@@ -63,7 +57,7 @@ class Optim:
 
 @dataclass
 class Selection:
-    target: str = field(metadata=one_of(TARGETS))
+    target: str = field(metadata=one_of(SELECTION_TARGETS))
 
 
 @dataclass
@@ -85,7 +79,7 @@ class Intermediate:
 @dataclass
 class Embed:
     batch_size: int = field(metadata=POSITIVE)
-    dtype: str = field(metadata=one_of(Embedding.DTYPES))
+    dtype: str = field(metadata=one_of(EMBED_DTYPES))
 
 
 @dataclass
@@ -109,7 +103,7 @@ class Ssat:
     optim: Optim
     ema: Ema
     early_stopping: EarlyStopping
-    pseudo_labels: str = field(metadata=one_of(KINDS))
+    pseudo_labels: str = field(metadata=one_of(PSEUDO_LABELS))
     pseudo_label_temperature: float = field(metadata=between(0, open_low=True))
 
 
@@ -119,14 +113,14 @@ class Pgd:
     alpha: float = field(metadata=at_least(0))
     steps: int = field(metadata=at_least(0))
     random_start: bool
-    loss: str = field(metadata=one_of(LOSSES))
+    loss: str = field(metadata=one_of(PGD_LOSSES))
     restarts: int = field(metadata=POSITIVE)
 
 
 @dataclass
 class AutoAttack:
     enabled: bool
-    version: str = field(metadata=one_of(VERSIONS))
+    version: str = field(metadata=one_of(AUTOATTACK_VERSIONS))
     eps: float = field(metadata=at_least(0))
     num_points: int | None = field(metadata=at_least(1, why="null: all"))
 
@@ -350,7 +344,11 @@ def check_relations(cfg: DictConfig) -> None:
 
 
 def check_devices(cfg: DictConfig) -> None:
-    """A GPU trainer needs a visible GPU."""
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    """A GPU trainer needs a visible GPU (torch is imported only to ask, so a bad command line fails without it)."""
+    if cfg.trainer.accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible; "
                           f"use trainer=cpu")

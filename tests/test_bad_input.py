@@ -9,6 +9,8 @@ through a real ``python -m ssat.run`` process (marked slow), as a user would.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -238,6 +240,41 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(make_override
         assert fragment in lines[0], lines[0]
     assert tree(work) == [], "a run that fails before any work leaves no run directory"
     assert tree(cache) == [], "nothing may be computed or converted after bad input"
+
+
+# Runs `python -m ssat.run <command line>` for each command line in one process, then says which heavy packages
+# that process imported: a bad command line must fail without them (about 2 s instead of 9).
+CHECK_WITHOUT_HEAVY_IMPORTS = """
+import json, runpy, sys
+codes = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["ssat.run", *argv]
+    try:
+        runpy.run_module("ssat.run", run_name="__main__", alter_sys=True)
+    except SystemExit as exited:
+        codes.append(exited.code)
+print(json.dumps({"codes": codes, "imported": sorted(m for m in sys.modules if m.split(".")[0] in
+                                                     ("torch", "lightning", "diffusers", "ssat"))}))
+"""
+
+
+def test_bad_command_line_fails_before_torch_and_lightning_are_imported(tmp_path):
+    """The command line's checks import only what they need: the pipeline, torch and Lightning come after them."""
+    command_lines = [["budget=2"], ["selector=foo"], ["budgett=0.2"], ["eval.pgd.loss=xx"],
+                     ["-m", "selector=choice(random,pcs)", "budget=1.5"],
+                     ["-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2"]]
+    proc = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_HEAVY_IMPORTS, json.dumps(command_lines)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ssat: error: ")]
+    assert len(errors) == len(command_lines), proc.stderr[-3000:]
+    found = json.loads(proc.stdout.splitlines()[-1])
+    assert found["codes"] == [2] * len(command_lines), proc.stderr[-3000:]
+    assert {"ssat.config", "ssat.schema"} <= set(found["imported"])  # the checks did run in this process
+    heavy = [m for m in found["imported"] if m.split(".")[0] in ("torch", "lightning", "diffusers")]
+    assert heavy == [], f"the checks of a bad command line imported {heavy[:5]}"
+    assert not any(m.startswith(("ssat.pipeline", "ssat.tracking", "ssat.stages")) for m in found["imported"])
+    assert list(tmp_path.iterdir()) == [], "a bad command line leaves no outputs folder"
 
 
 def test_hydra_sweep_grammar_expands_to_the_jobs_hydra_runs():

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ssat.attacks.pgd import eval_mode
+from ssat.choices import AUTOATTACK_VERSIONS as VERSIONS
 
-VERSIONS = ("standard", "plus", "rand")
 # The targeted DLR loss of APGD-T reads the four largest logits.
 MIN_CLASSES = 4
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssat.choices import PGD_LOSSES
+
 
 @contextmanager
 def eval_mode(model: nn.Module):
@@ -80,7 +82,7 @@ def cw_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # The attack's objective, by the name used in eval.pgd.loss.
-LOSSES = {"ce": cross_entropy_loss, "cw": cw_loss}
+LOSSES = dict(zip(PGD_LOSSES, (cross_entropy_loss, cw_loss), strict=True))
 
 
 def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,

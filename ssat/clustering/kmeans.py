@@ -24,19 +24,13 @@ import numpy as np
 import torch
 
 from ssat.clustering.blocks import BLOCK_ROWS, float32_blocks, sample_rows, take_rows
-from ssat.errors import ConfigError
+from ssat.errors import FAISS_MISSING, ConfigError
 
 # The restarts (k-means++ seeding and FAISS's Lloyd iterations) run on this many rows at most: enough for k
 # centroids, a fraction of a pass over pools of millions.
 SEEDING_SAMPLE = 100_000
 # Passes over every row stop when one lowers the objective by less than this fraction of it.
 PASS_TOL = 1e-4
-
-
-# faiss-cpu and faiss-gpu both install the module faiss (installing both leaves whichever wrote last), so the
-# package depends on neither and each comes with an extra.
-FAISS_MISSING = ("FAISS is not installed; install ssat with one of its FAISS extras: pip install -e '.[cpu]', "
-                 "or '.[gpu]' (faiss-gpu) on a machine with CUDA 12 drivers")
 
 
 def faiss_lib() -> ModuleType:

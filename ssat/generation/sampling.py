@@ -23,10 +23,11 @@ from ssat import distributed
 from ssat.artifacts import GeneratedImages
 from ssat.attacks import eval_mode
 from ssat.cache import write_json_atomic
+from ssat.choices import SAMPLERS as SAMPLER_NAMES
 from ssat.errors import ConfigError
 from ssat.progress import progress
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+SAMPLERS = dict(zip(SAMPLER_NAMES, (DDPMScheduler, DDIMScheduler), strict=True))
 PROGRESS = "progress.json"
 
 

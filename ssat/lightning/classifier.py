@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from ssat.attacks import pgd_attack
+from ssat.choices import SCHEDULES
 from ssat.data.augment import augment
 from ssat.errors import ConfigError, TrainingDiverged
 
-SCHEDULES = ("cosine", "multistep", "constant", "onecycle")
 # onecycle's share of the epochs spent raising the learning rate (DM-Improves-AT's `cosinew` schedule).
 ONECYCLE_WARMUP = 0.025
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ssat.choices import PSEUDO_LABELS as KINDS
 from ssat.errors import ConfigError
-
-KINDS = ("hard", "soft")
 
 
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:

@@ -11,14 +11,17 @@ from dataclasses import replace
 
 import numpy as np
 
+from ssat.choices import SELECTION_TARGETS
 from ssat.data.splits import SemiSupervisedData
 from ssat.errors import ConfigError
+
+POOL, LABELED = SELECTION_TARGETS
 
 
 class PoolTarget:
     """Select from the unlabeled pool; the chosen points train with the intermediate model's pseudo-labels."""
 
-    name = "pool"
+    name = POOL
 
     def candidates(self, data: SemiSupervisedData):
         return data.pool_images
@@ -37,7 +40,7 @@ class PoolTarget:
 class LabeledTarget:
     """Select from the labeled set; the chosen points are the whole training set, with their true labels."""
 
-    name = "labeled"
+    name = LABELED
 
     def candidates(self, data: SemiSupervisedData):
         return data.labeled_images

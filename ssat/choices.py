@@ -1,5 +1,5 @@
 """The names that config values choose among, in a module that imports nothing: the schema checks a command line
-against them before torch or Lightning is imported (a bad command line fails in about two seconds), and the
+against them before torch or Lightning is imported (a bad command line fails in under a second), and the
 modules that implement the choices take their names from here."""
 
 SCHEDULES = ("cosine", "multistep", "constant", "onecycle")  # optim.schedule: ssat.lightning.classifier

@@ -14,6 +14,7 @@ import pytest
 
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from conftest import compose, run_ssat
 from ssat import distributed
@@ -77,6 +78,9 @@ def test_ddp_in_a_slurm_job_of_several_tasks_takes_the_jobs_tasks_and_nodes(monk
     for name in ("MASTER_ADDR", "MASTER_PORT"):  # Lightning writes the group's address into os.environ: undone after
         monkeypatch.setenv(name, "")            # the test, or the later runs' ranks would look for gpu3
         monkeypatch.delenv(name)
+    # The trainer below sets Lightning's process-wide rank to 9: undone after the test, or the later runs in this
+    # process would log nothing (Lightning's loggers write on rank 0 only).
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     assert distributed.slurm_tasks() == (8, 2)
     assert distributed.placement(-1) == distributed.placement("auto") == {"devices": 8, "num_nodes": 2}
     with pytest.raises(ConfigError, match=r"^trainer.devices=4 but the SLURM job runs 8 tasks per node"):

@@ -232,5 +232,5 @@ def move_aside(folder: Path, name: str) -> Path:
             os.rename(folder, aside)  # onto an existing non-empty folder: ENOTEMPTY/EEXIST, never a merge
             return aside
         except OSError as err:
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not aside.exists():
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise

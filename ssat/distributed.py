@@ -83,31 +83,31 @@ def _exit_with_parent(period: float = 2.0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-rank-0").start()
 
 
-def initialized() -> bool:
-    """Whether this process is in a process group (torch is imported here, not with the module: the command
-    line's checks use is_ddp and placement before torch is needed)."""
-    import torch.distributed as dist
+def torch_distributed():
+    """torch.distributed, imported on first use rather than with this module: the command line's checks use is_ddp
+    and placement before torch is needed."""
+    import torch.distributed
 
+    return torch.distributed
+
+
+def initialized() -> bool:
+    """Whether this process is in a process group."""
+    dist = torch_distributed()
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if initialized() else 0
+    return torch_distributed().get_rank() if initialized() else 0
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if initialized() else 1
+    return torch_distributed().get_world_size() if initialized() else 1
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if initialized():
-        dist.barrier()
+        torch_distributed().barrier()
 
 
 def shard_dirs(out_dir: Path) -> list[Path]:

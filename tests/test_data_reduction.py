@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import FAST, run_in_process, run_ssat
-from test_bad_input import assert_one_line_error
 from ssat.attacks import PGDATLoss, TradesLoss
 from ssat.attacks.losses import WeightedLoss
 from ssat.data.datasets import load_digits
@@ -275,18 +274,3 @@ def test_multirun_of_new_selectors_beside_lcs(tmp_path):
     kept = found["extrapolation"]["n_selected"]
     assert scores[selection].max() <= np.delete(scores, selection).min(), "the highest DU (lowest score) is kept"
     assert len(selection) == kept
-
-
-@pytest.mark.parametrize("overrides, fragments", [
-    (["selector=coreset_craig", "selector.select_every=0"], ["selector.select_every=0", "at least 1"]),
-    (["selector=coreset_gradmatch", "selector.kappa=1.5"], ["selector.kappa=1.5", "[0, 1]"]),
-    (["selector=extrapolation", "selector.neighbours=200"], ["selector.neighbours=200", "scored set", "scores 99"]),
-    (["selector=extrapolation", "selector.probabilities=true_class"], ["true_class needs labels"]),
-    (["selection.target=everything"], ["selection.target='everything'", "pool, labeled"]),
-    (["selector=lcg_km", "selection.target=labeled"], ["selection.target=labeled does not apply"]),
-])
-@pytest.mark.slow
-def test_bad_data_reduction_settings_stop_before_training(overrides, fragments, tmp_path):
-    run = run_ssat(*overrides, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", check=False)
-    assert_one_line_error(run, *fragments)
-    assert not (tmp_path / "cache" / "intermediate").exists(), "nothing may be trained after bad input"

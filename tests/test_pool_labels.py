@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import TINY, Run, compose, run_ssat
-from test_bad_input import assert_one_line_error
+from conftest import TINY, Run, compose
 from ssat.data.datasets import load_digits
 from ssat.data.splits import split_pool
 
@@ -60,19 +59,6 @@ def test_file_labels_train_by_default_and_intermediate_is_the_option(digits_pool
     keys = [run.results["stage_keys"] for run in (default, option)]
     assert keys[0]["embed"] == keys[1]["embed"] and keys[0]["pseudo_label"] != keys[1]["pseudo_label"]
     assert keys[0]["ssat"] != keys[1]["ssat"]
-
-
-@pytest.mark.parametrize("overrides, fragments", [
-    ([], ["pool.labels=file", "unlabelled.npz", "no 'label' array", "pool.labels=intermediate"]),
-    (["pool.labels=model"], ["pool.labels='model'", "intermediate, file"]),
-])
-@pytest.mark.slow
-def test_file_labels_need_labels_in_the_file(digits_pool, tmp_path, overrides, fragments):
-    folder, _ = digits_pool
-    run = run_ssat("pool=npz", f"pool.paths={folder / 'unlabelled.npz'}", *overrides, run_dir=tmp_path / "run",
-                   cache_dir=tmp_path / "cache", check=False)
-    assert_one_line_error(run, *fragments)
-    assert not (tmp_path / "cache" / "intermediate").exists()
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ run: install
 
 # One OpenMP thread per test process (and the runs they start): with one pytest worker per core, two threads each
 # oversubscribe the cores and the small tensors of the tests then wait on each other (7 min instead of 13 here).
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(PYTEST)

@@ -183,8 +183,9 @@ def test_coreset_run_trains_a_share_c_of_full_ssats_examples_plus_the_warm_start
     share c of the data). Counted as the batches the Lightning trainer stepped (global_step; every batch holds
     ssat.batch_size examples), for a fixed epoch (8 batches) and for one-pass epochs, against selector=full."""
     epochs, c, kappa = 6, 0.3, 0.6
-    common = [f"ssat.batches_per_epoch={batches_per_epoch}", f"ssat.epochs={epochs}"]
-    # In process on the tiny schedule but SSAT's epochs: what is counted is the steps, not what they learn.
+    common = [f"ssat.batches_per_epoch={batches_per_epoch}", f"ssat.epochs={epochs}", "attack.steps=1"]
+    # In process on the tiny schedule but SSAT's epochs, with a one-step attack: what is counted is the steps, not
+    # what they learn.
     full = run_in_process("selector=full", *common, tmp_path=tmp_path / "full", cache_dir=shared_cache)
     coreset = run_in_process("selector=coreset_craig", f"budget={c}", *common, tmp_path=tmp_path / "coreset",
                              cache_dir=shared_cache)

@@ -6,7 +6,6 @@ directory: tests/test_walkthrough.py.)"""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 
 import numpy as np
 import pytest

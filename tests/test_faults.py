@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import FAST, run_ssat
+from forked import DEVNULL, STDOUT, popen_module
 from ssat.attacks import TradesLoss
 from ssat.data.datasets import load_digits
 from ssat.data.sampler import SSATBatchSampler
@@ -82,8 +83,8 @@ def test_fit_resumed_from_last_ckpt_ends_with_the_uninterrupted_weights_bit_for_
 @pytest.mark.slow
 def test_kill_9_mid_ssat_then_rerun_resumes_to_the_same_final_epoch(tmp_path):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    args = [sys.executable, "-m", "ssat.run", *SHORT_SSAT, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = popen_module("ssat.run", [*SHORT_SSAT, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"], stdout=DEVNULL,
+                        stderr=DEVNULL)
     try:
         deadline = time.monotonic() + 600
         while not list(cache.glob("ssat/*.partial/checkpoints/last.ckpt")):
@@ -278,21 +279,21 @@ def written_since(pattern: str, cache: Path, since: float) -> bool:
 def kill_in(stage: str, trigger: str, overrides: list[str], cache: Path, run_dir: Path, log: Path) -> None:
     """Runs the command and kills it with SIGKILL inside ``stage`` once this attempt has written ``trigger`` there;
     the stage stays uncommitted."""
-    args = [sys.executable, "-m", "ssat.run", *overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
+    args = [*overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSAT_TEST_STAGE_DELAY": f"{stage}:{HOLD_S}"}
     started = time.time()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 600
-            while not written_since(f"{stage}/*.partial/{trigger}", cache, started):
-                assert proc.poll() is None, f"the run ended before {stage}:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
+    log.write_text("")
+    proc = popen_module("ssat.run", args, env=env, stdout=log, stderr=STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while not written_since(f"{stage}/*.partial/{trigger}", cache, started):
+            assert proc.poll() is None, f"the run ended before {stage}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert not committed(cache, stage), f"{stage} was committed before the kill"
 

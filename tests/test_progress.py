@@ -7,9 +7,7 @@ import io
 import logging
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import FAST
+from forked import STDOUT, popen_module
 from ssat.attacks import CrossEntropyLoss
 from ssat.lightning import RobustClassifierModule
 from ssat.lightning.progress import LineProgressBar
@@ -127,10 +126,10 @@ def test_a_run_logged_to_a_file_writes_a_line_per_epoch_not_a_bar_per_batch(tmp_
     epoch of each training stage carrying its metrics, and the whole log within the 200 lines of the default run's
     target."""
     log_file = tmp_path / "run.log"
-    with open(log_file, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "ssat.run", *FAST, f"hydra.run.dir={tmp_path / 'run'}",
-                               f"cache_dir={tmp_path / 'cache'}"], stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=900)
+    log_file.write_text("")
+    proc = popen_module("ssat.run", [*FAST, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"],
+                        stdout=log_file, stderr=STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.wait(timeout=900)
     text = log_file.read_bytes().decode()  # read_text() would turn the bars' carriage returns into line ends
     assert proc.returncode == 0, text[-5000:]
     assert "\r" not in text

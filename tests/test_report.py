@@ -7,12 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 
 from conftest import run_ssat
+from forked import run_module
 from ssat.report.plots import legend_label
 from ssat.report.table import collect_results, results_table
 
@@ -83,8 +82,7 @@ def test_report_command_writes_the_columns_and_plots(real_run, tmp_path):
     failed = write_variant(root, real, "cli_failed", budget=0.5, sanity={**real["sanity"], "passed": False,
                                                                           "failed": ["noise_not_stronger_than_pgd"]})
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "ssat.report", str(root / "run"), str(failed), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_module("ssat.report", [str(root / "run"), str(failed), "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "FAILED: noise_not_stronger_than_pgd" in (out / "report.md").read_text()
     assert "autoattack_acc" in (out / "report.csv").read_text().splitlines()[0]

@@ -195,7 +195,10 @@ def test_preempted_job_is_requeued_into_the_same_run_dir_and_resumes_from_its_ch
         return "Restarts=1" in state and "JobState=PENDING" in state
 
     wait_until("the job to be requeued", requeued, timeout=120)
-    # SLURM holds a requeued job for two minutes before it may start again; the test does not wait for that.
+    # SLURM holds a requeued job for two minutes before it may start again; the test does not wait for that. But
+    # slurmd refuses a job started within the second its last run's credential was revoked ("Killing non-startable
+    # batch JobId=...: Job credential revoked" in slurmctld's log; the job then ends FAILED), so not at once.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     finish(proc)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 
 from conftest import TINY, run_in_process
+from forked import run_module
 from ssat.pipeline import plan
 from ssat.pipeline.stage import UndeclaredRead, When
 from ssat.stages import intermediate
@@ -102,9 +101,8 @@ def test_a_sweep_of_one_stage_jobs_shares_the_cache_with_the_whole_pipeline_swee
     cache = tmp_path / "cache"
 
     def sweep(name: str, *overrides: str) -> list[dict]:
-        proc = subprocess.run([sys.executable, "-m", "ssat.run", "-m", *TINY, *overrides, f"cache_dir={cache}",
-                               f"hydra.sweep.dir={tmp_path / name}"], capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = run_module("ssat.run", ["-m", *TINY, *overrides, f"cache_dir={cache}",
+                                       f"hydra.sweep.dir={tmp_path / name}"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         jobs = [job for job in (tmp_path / name).iterdir() if job.is_dir()]  # <job number>_<selector>_<budget>
         return [json.loads(next(job.glob("*.json")).read_text())

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import SHORT
+from forked import PIPE, STDOUT, popen_module, run_module
 
 pytestmark = pytest.mark.slow  # real ssat.run processes (see pyproject's markers)
 
 wandb_records = pytest.importorskip("wandb_records", reason="wandb is not installed (pip install -e '.[wandb]')")
 
 
-def start(*overrides: str, cwd: Path, cache_dir: Path, env: dict | None = None) -> subprocess.Popen:
+def start(*overrides: str, cwd: Path, cache_dir: Path, env: dict | None = None):
     flags = [o for o in overrides if o.startswith("-")]
     overrides = [o for o in overrides if not o.startswith("-")]
-    return subprocess.Popen([sys.executable, "-m", "ssat.run", *flags, *SHORT, *overrides, f"cache_dir={cache_dir}"],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return popen_module("ssat.run", [*flags, *SHORT, *overrides, f"cache_dir={cache_dir}"], cwd=cwd, stdout=PIPE,
+                        stderr=STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
-def finish(*procs: subprocess.Popen) -> list[str]:
+def finish(*procs) -> list[str]:
     logs = [p.communicate(timeout=900)[0] for p in procs]
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, f"ssat.run failed ({proc.returncode}):\n{log[-5000:]}"
@@ -63,10 +61,9 @@ def wandb_sweep(root, concurrent, tmp_path_factory):
     sweep = root / "wandb_sweep"
     home = tmp_path_factory.mktemp("home")  # no ~/.netrc with a W&B key
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    proc = subprocess.Popen([sys.executable, "-m", "ssat.run", "-m", *SHORT, "logger=wandb", "selector=random",
-                             "budget=0.3,0.4", f"cache_dir={root / 'cache'}", f"hydra.sweep.dir={sweep}"],
-                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env, "HOME": str(home), "PYTHONUNBUFFERED": "1"})
+    proc = popen_module("ssat.run", ["-m", *SHORT, "logger=wandb", "selector=random", "budget=0.3,0.4",
+                                     f"cache_dir={root / 'cache'}", f"hydra.sweep.dir={sweep}"],
+                        cwd=root, stdout=PIPE, stderr=STDOUT, env={**env, "HOME": str(home), "PYTHONUNBUFFERED": "1"})
     finish(proc)
     return sweep
 
@@ -104,8 +101,7 @@ def test_wandb_multirun_gives_one_offline_run_per_job(wandb_sweep):
 
 def test_report_writes_the_table_and_three_plots(root, concurrent, wandb_sweep, tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "ssat.report", str(root / "outputs"), str(wandb_sweep),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_module("ssat.report", [str(root / "outputs"), str(wandb_sweep), "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = (out / "report.md").read_text()
     assert table == proc.stdout
@@ -122,10 +118,10 @@ def test_report_projection_of_a_named_run(root, concurrent, tmp_path):
     """--projection picks the run drawn; a directory that is not one of the runs is one clear error."""
     (run_dir,) = [p.parent for p in (root / "outputs").glob("*/*/results.json")
                   if json.loads(p.read_text())["budget"] == 0.2]
-    ok = subprocess.run([sys.executable, "-m", "ssat.report", str(root / "outputs"), "--out", str(tmp_path / "a"),
-                         "--projection", str(run_dir)], capture_output=True, text=True, timeout=300)
+    ok = run_module("ssat.report", [str(root / "outputs"), "--out", str(tmp_path / "a"), "--projection", str(run_dir)],
+                    timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "a" / "selection_pca.png").stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "-m", "ssat.report", str(root / "outputs"), "--out", str(tmp_path / "b"),
-                          "--projection", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    bad = run_module("ssat.report", [str(root / "outputs"), "--out", str(tmp_path / "b"), "--projection",
+                                     str(tmp_path)], timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("ssat.report: error: --projection")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from forked import run_module
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Using ssat with your own models and RobustBench"
 
@@ -52,9 +54,9 @@ def test_the_walkthrough_runs_as_written(tmp_path, robustbench):
         if kind == "python":
             proc = subprocess.run([sys.executable, "-c", body], cwd=tmp_path, env=env, capture_output=True, text=True,
                                   timeout=1800)
-        else:
-            proc = subprocess.run([sys.executable, *body.split()[1:]], cwd=tmp_path, env=env, capture_output=True,
-                                  text=True, timeout=1800)
+        else:  # python -m <module> <args>
+            module, *args = body.split()[2:]
+            proc = run_module(module, args, cwd=tmp_path, env=env, timeout=1800)
         assert proc.returncode == 0, f"{body}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         outputs.append(proc.stdout)
 

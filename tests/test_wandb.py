@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import SHORT
+from forked import run_module
 from ssat.report.table import COLUMNS, collect_results, results_table, summarise
 
 wandb_records = pytest.importorskip("wandb_records", reason="wandb is not installed (pip install -e '.[wandb]')")
@@ -25,9 +25,9 @@ def ssat_wandb(*overrides: str, cwd: Path, home: Path) -> subprocess.CompletedPr
     """`python -m ssat.run logger=wandb ...` offline (WANDB_MODE) with no W&B key in the environment or ~/.netrc."""
     flags = [o for o in overrides if o.startswith("-")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return subprocess.run([sys.executable, "-m", "ssat.run", *flags, *SHORT, "logger=wandb", "selector=random",
-                           *(o for o in overrides if not o.startswith("-"))], cwd=cwd, capture_output=True,
-                          text=True, timeout=900, env={**env, "HOME": str(home), "WANDB_MODE": "offline"})
+    return run_module("ssat.run", [*flags, *SHORT, "logger=wandb", "selector=random",
+                                   *(o for o in overrides if not o.startswith("-"))], cwd=cwd,
+                      env={**env, "HOME": str(home), "WANDB_MODE": "offline"})
 
 
 def one_offline_run(job_dir: Path):
@@ -136,9 +136,8 @@ def test_the_sweep_logs_its_report_to_its_group_when_it_ends(sweep, root):
 
 def test_the_report_command_logs_the_table_and_the_plots_to_the_sweeps_group(sweep, root, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    proc = subprocess.run([sys.executable, "-m", "ssat.report", str(sweep), "--wandb", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**env, "HOME": str(root), "WANDB_MODE": "offline"})
+    proc = run_module("ssat.report", [str(sweep), "--wandb", "--out", str(tmp_path)], timeout=600,
+                      env={**env, "HOME": str(root), "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert f"group {root.name}/sweep" in proc.stderr
     check_report_run(tmp_path, f"{root.name}/sweep", sweep)

@@ -60,11 +60,12 @@ def _start_server() -> None:
     _started = True
 
 
-def _redirect(fd: int, target: str | None) -> None:
+def _redirect(fd: int, target: str | int | None) -> None:
+    """fd onto a file (appended to), onto another fd (an int: stderr onto stdout), or left as it is (None)."""
     if target is None:
         return
-    if target == "stdout":
-        os.dup2(1, fd)
+    if isinstance(target, int):
+        os.dup2(target, fd)
         return
     opened = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(opened, fd)
@@ -72,7 +73,7 @@ def _redirect(fd: int, target: str | None) -> None:
 
 
 def _run_module(module: str, args: list[str], env: dict[str, str], cwd: str | None, out: str | None,
-                err: str | None) -> None:
+                err: str | int | None) -> None:
     """In the forked process: what `python -m module args` does after its imports."""
     os.environ.clear()
     os.environ.update(env)
@@ -124,12 +125,7 @@ class ForkedProcess:
             self._process.kill()
 
     def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
-        try:
-            self.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.wait()
-            raise
+        self.wait(timeout)
         texts = tuple(path.read_text(errors="replace") if path else None for path in (self._out, self._err))
         self._scratch.cleanup()
         return texts
@@ -161,7 +157,7 @@ def popen_module(module: str, args: list[str], *, env: dict[str, str] | None = N
         if stream is None or isinstance(stream, (str, Path)):
             targets.append(None if stream is None else str(stream))
         else:
-            targets.append({PIPE: str(path), DEVNULL: os.devnull, STDOUT: "stdout"}[stream])
+            targets.append({PIPE: str(path), DEVNULL: os.devnull, STDOUT: 1}[stream])
     process = _context.Process(target=_run_module, args=(module, list(args), env, str(cwd) if cwd else None,
                                                          *targets), daemon=False)
     process.start()
@@ -172,5 +168,10 @@ def run_module(module: str, args: list[str], *, env: dict[str, str] | None = Non
                timeout: float = 900) -> subprocess.CompletedProcess:
     """As subprocess.run(capture_output=True, text=True) of `python -m module args`."""
     proc = popen_module(module, args, env=env, cwd=cwd, stdout=PIPE, stderr=PIPE)
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # as subprocess.run: the child does not outlive the call
+        proc.kill()
+        proc.wait()
+        raise
     return subprocess.CompletedProcess([sys.executable, "-m", module, *args], proc.returncode, out, err)

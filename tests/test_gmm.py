@@ -275,15 +275,17 @@ def test_nearest_centroid_matches_brute_force_far_from_the_origin():
     assert (labels == brute).mean() > 0.999
 
 
-def test_pruned_e_step_and_whitened_m_step_equal_the_exact_ones():
+@pytest.mark.parametrize("dim, spectral", [(256, False), (64, True)])
+def test_pruned_e_step_and_whitened_m_step_equal_the_exact_ones(dim, spectral):
     """The fit's E-step leaves out components more than PRUNE_LOG_RATIO nats below a row's best and sums whitened
-    rows: in 256-D (four coordinate blocks) with two nearly coinciding components (many rows split their
-    responsibility) and a third 30-70 nats away from them, its log-likelihoods and the M-step that follows
-    equal the exact E-step's (every component) and the raw-coordinate float64 sums'."""
+    rows: with two nearly coinciding components (many rows split their responsibility) and a third 30-70 nats
+    away from them, its log-likelihoods and the M-step that follows equal the exact E-step's (every component)
+    and the raw-coordinate float64 sums', both for the head bound (256-D: four coordinate blocks) and for the
+    spectral bound (64-D: one block)."""
     from ssat.clustering.gmm import _SufficientStatistics, _TorchMixture, _WhitenedStatistics
 
     rng = np.random.default_rng(0)
-    dim, n = 256, 3000
+    n = 3000
     means = np.zeros((3, dim))
     means[1, 0], means[2, :4] = 0.5, 5.0
     mixing = np.eye(dim) + rng.normal(scale=0.3 / np.sqrt(dim), size=(3, dim, dim))
@@ -294,7 +296,7 @@ def test_pruned_e_step_and_whitened_m_step_equal_the_exact_ones():
                         dtype=torch.float32)
     mixture = _TorchMixture(*(torch.as_tensor(a, dtype=torch.float64) for a in ([0.4, 0.4, 0.2], means, covariances)),
                             "full")
-    assert mixture.prunes
+    assert mixture.prunes and mixture.spectral == spectral
     with torch.no_grad():
         exact_loglik, resp = mixture.log_prob(x)
         assert ((resp > 1e-3) & (resp < 0.999)).any(1).float().mean() > 0.3  # the overlap is real

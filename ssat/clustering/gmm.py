@@ -56,7 +56,7 @@ COORDINATE_BLOCK = 64
 # bookkeeping costs more than the matmuls it saves: the fit then computes every component and sums raw rows.
 PRUNE_LOG_RATIO = 60.0
 HEAD_FRACTION = 0.25
-PRUNE_MIN_BLOCKS = 4
+HEAD_BOUND_MIN_BLOCKS = 4
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -168,12 +168,17 @@ class _TorchMixture:
             # per block: (end, the block's columns of every U_k (end, K, width), minus their offsets (K, width))
             self.whiten = [(end, factors[:, :end, start:end].permute(1, 0, 2).float().contiguous(),
                             -offsets[:, start:end].float()) for start, end in coordinate_blocks(dim)]
+            self.offsets32 = (means - centre).float()
+            self.half_offset_norms = 0.5 * self.offsets32.square().sum(1)
+            self.spectral = len(self.whiten) < HEAD_BOUND_MIN_BLOCKS
+            if self.spectral:  # lambda_min(Sigma_k^-1) = 1 / lambda_max(Sigma_k), shrunk to stay a lower bound
+                self.min_precisions = (1 - 1e-6) / torch.linalg.eigvalsh(covariances)[:, -1]
         else:
             _raise_if_not_positive_definite((covariances <= 0).any(-1))
             self.precisions32 = (1.0 / covariances).float()
             log_det = -0.5 * torch.log(covariances).sum(-1)
         self.log_norms = torch.log(weights) + log_det - 0.5 * dim * LOG_2PI
-        self.prunes = covariance_type == "full" and len(coordinate_blocks(dim)) >= PRUNE_MIN_BLOCKS
+        self.prunes = covariance_type == "full"
 
     @classmethod
     def from_fit(cls, fit: GaussianMixtureFit, device: torch.device) -> _TorchMixture:
@@ -189,9 +194,9 @@ class _TorchMixture:
     def e_step(self, x: torch.Tensor, stats: _SufficientStatistics | _WhitenedStatistics | None) -> torch.Tensor:
         """The fit's E-step: per-row log-likelihood (B,) float64, the responsibilities added to stats (if any).
 
-        With PRUNE_MIN_BLOCKS coordinate blocks or more (full covariance), it leaves out the components whose
-        responsibility is certainly below e^-PRUNE_LOG_RATIO (theirs is then exactly 0) and hands stats
-        (_WhitenedStatistics) the whitened rows it computed.
+        With full covariance it leaves out the components whose responsibility is certainly below
+        e^-PRUNE_LOG_RATIO (theirs is then exactly 0) and hands stats (_WhitenedStatistics) the whitened rows it
+        computed.
         """
         if not self.prunes:
             loglik, resp = self.log_prob(x)
@@ -199,21 +204,23 @@ class _TorchMixture:
                 stats.add(x, resp)
             return loglik
         parts, whitened = [], [[] for _ in self.means32]
-        for chunk in self._chunks(x):
-            loglik, resp, completed = self._pruned_log_prob(chunk)
+        for chunk in self._chunks(x, pruned=True):
+            loglik, completed = self._pruned_log_prob(chunk)
             parts.append(loglik)
-            if stats is not None:  # kept for the batch: the sums are then a few large matmuls
-                for k, (rows, z) in enumerate(completed):
-                    counted = torch.nonzero(resp[rows, k] >= NEGLIGIBLE_RESPONSIBILITY).squeeze(1)
-                    whitened[k].append((z[counted], resp[rows[counted], k]))
-        for k, pairs in enumerate(whitened):
-            if pairs:
-                stats.add(k, torch.cat([z for z, _ in pairs]), torch.cat([r for _, r in pairs]))
+            for k, pair in enumerate(completed):  # kept for the batch: the sums are then a few large matmuls
+                whitened[k].append(pair)
+        if stats is not None:
+            for k, pairs in enumerate(whitened):
+                z, resp_k = (pairs[0] if len(pairs) == 1 else
+                             (torch.cat([z for z, _ in pairs]), torch.cat([r for _, r in pairs])))
+                if len(z):
+                    stats.add(k, z, resp_k)
         return torch.cat(parts)
 
-    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The whole batch on a GPU; on a CPU, chunks whose (rows, K, width) float32 temporaries are cache-sized."""
-        if x.device.type != "cpu":
+    def _chunks(self, x: torch.Tensor, pruned: bool = False) -> tuple[torch.Tensor, ...]:
+        """The whole batch on a GPU, or for the spectral bound; on a CPU, chunks whose (rows, K, width) float32
+        temporaries are cache-sized."""
+        if x.device.type != "cpu" or (pruned and self.spectral):
             return (x,)
         n_components, dim = self.means32.shape
         width = min(dim, COORDINATE_BLOCK) if self.covariance_type == "full" else dim
@@ -247,50 +254,87 @@ class _TorchMixture:
         whitened = torch.addmm(negative_offsets.view(-1), centred[:, :end], weights.view(end, -1))
         return whitened.view(len(centred), *negative_offsets.shape)
 
-    def _pruned_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Log-likelihood, responsibilities and, per component, (rows, their whitened coordinates (rows, D)) of
-        the rows it was completed for.
+    def _pruned_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per-row log-likelihood (B,) and, per component, the whitened coordinates (rows, D) and responsibilities of
+        the rows whose responsibility for it is not negligible.
 
-        The head blocks for every component bound each log-probability from above; each row's most promising
-        component is completed first, then only the components whose bound stays within PRUNE_LOG_RATIO of it.
+        Upper bounds on every log-probability pick each row's most promising component, which is completed first;
+        then only the components whose bound stays within PRUNE_LOG_RATIO of the best exact one. The rows are
+        grouped by their most promising component, so that each component's first rows are a slice, not a gather.
         """
+        n_components = len(self.means32)
         centred = x - self.centre32
+        bound, head, partial, n_head = self._upper_bounds(centred)
+        best = bound.argmax(1)
+        order = torch.argsort(best, stable=True)
+        centred, bound, best = centred[order], bound[order], best[order]
+        head, partial = (None, None) if head is None else (head[order], partial[order])
+        ends = torch.bincount(best, minlength=n_components).cumsum(0).tolist()
+        groups = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends)]
+        weighted = torch.full_like(bound, -math.inf)
+        first = []
+        for k, rows in enumerate(groups):
+            _, weighted_k, z = self._complete(centred, head, partial, rows, k, n_head)
+            weighted[rows, k] = weighted_k
+            first.append(z)
+        floor = weighted.max(1).values - PRUNE_LOG_RATIO
+        completed = []
+        for k, (rows, z) in enumerate(zip(groups, first)):
+            candidates = torch.nonzero((best != k) & (bound[:, k] > floor)).squeeze(1)
+            if len(candidates):
+                more, weighted_k, z_more = self._complete(centred, head, partial, candidates, k, n_head, floor)
+                weighted[more, k] = weighted_k
+                rows = torch.cat([torch.arange(rows.start, rows.stop, device=x.device), more])
+                z = torch.cat([z, z_more])
+            completed.append((rows, z))
+        loglik, resp = self._normalise(weighted)
+        kept = []
+        for k, (rows, z) in enumerate(completed):
+            resp_k = resp[rows, k]
+            counted = resp_k >= NEGLIGIBLE_RESPONSIBILITY
+            if not counted.all():
+                z, resp_k = z[counted], resp_k[counted]
+            kept.append((z, resp_k))
+        return torch.empty_like(loglik).index_copy_(0, order, loglik), kept
+
+    def _upper_bounds(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                               int]:
+        """Upper bounds on log w_k + log N(x | mu_k, Sigma_k) (B, K) float64, the whitened head coordinates they
+        came from (B, K, head) or None, their squared norms (B, K) or None, and the number of head blocks.
+
+        Spectral (fewer than HEAD_BOUND_MIN_BLOCKS coordinate blocks): |x - mu_k|^2 lambda_min(Sigma_k^-1) is at
+        most the squared Mahalanobis distance, for one (B, D) x (D, K) matmul; the distances, float32, are shrunk
+        by 1e-4 of the norms they come from to stay below the exact ones. Head: the sum of squares of the first
+        HEAD_FRACTION of the whitened coordinates, for every component.
+        """
+        if self.spectral:
+            half_norms = 0.5 * centred.square().sum(1, keepdim=True) + self.half_offset_norms
+            half_squared = torch.addmm(half_norms, centred, self.offsets32.mT, alpha=-1)
+            half_squared = half_squared.sub_(1e-4 * half_norms).clamp_(min=0)
+            return self.log_norms - self.min_precisions * half_squared.double(), None, None, 0
         n_head = max(1, round(HEAD_FRACTION * len(self.whiten)))
         head = torch.cat([self._whiten(centred, block) for block in self.whiten[:n_head]], dim=2)  # (B, K, head)
         partial = head.square().sum(-1)
-        bound = self.log_norms - 0.5 * partial.double()
-        weighted = torch.full_like(bound, -math.inf)
-        best = bound.argmax(1)
-        first = [self._complete(centred, head, torch.nonzero(best == k).squeeze(1), k, partial, n_head)
-                 for k in range(len(self.means32))]
-        for k, (rows, weighted_k, _) in enumerate(first):
-            weighted[rows, k] = weighted_k
-        floor = weighted.max(1).values - PRUNE_LOG_RATIO
-        whitened = []
-        for k, (rows, _, z) in enumerate(first):
-            candidates = torch.nonzero((best != k) & (bound[:, k] > floor)).squeeze(1)
-            more, weighted_k, z_more = self._complete(centred, head, candidates, k, partial, n_head, floor)
-            weighted[more, k] = weighted_k
-            whitened.append((torch.cat([rows, more]), torch.cat([z, z_more])))
-        return *self._normalise(weighted), whitened
+        return self.log_norms - 0.5 * partial.double(), head, partial, n_head
 
-    def _complete(self, centred: torch.Tensor, head: torch.Tensor, rows: torch.Tensor, k: int, partial: torch.Tensor,
-                  n_head: int, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _complete(self, centred: torch.Tensor, head: torch.Tensor | None, partial: torch.Tensor | None,
+                  rows: torch.Tensor | slice, k: int, n_head: int, floor: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor]:
         """Component k's log-probabilities and whitened coordinates of the given rows, from block n_head on; with a
         floor, the rows whose upper bound falls below it are dropped on the way. Returns the rows kept too."""
-        selected, partial, parts = centred[rows], partial[rows, k], [head[rows, k]]
+        selected = centred[rows]
+        squared, parts = (0.0, []) if head is None else (partial[rows, k], [head[rows, k]])
         floor = None if floor is None else floor[rows]
         for block in self.whiten[n_head:]:
             z = self._whiten(selected, block, k)
-            partial = partial + z.square().sum(-1)
+            squared = squared + z.square().sum(-1)
             parts.append(z)
             if floor is not None:
-                keep = torch.nonzero(self.log_norms[k] - 0.5 * partial.double() > floor).squeeze(1)
-                if len(keep) < len(rows):
-                    rows, selected, partial, floor = rows[keep], selected[keep], partial[keep], floor[keep]
+                keep = torch.nonzero(self.log_norms[k] - 0.5 * squared.double() > floor).squeeze(1)
+                if len(keep) < len(selected):
+                    rows, selected, squared, floor = rows[keep], selected[keep], squared[keep], floor[keep]
                     parts = [part[keep] for part in parts]
-        return rows, self.log_norms[k] - 0.5 * partial.double(), torch.cat(parts, dim=1)
-
+        return rows, self.log_norms[k] - 0.5 * squared.double(), parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def _normalise(self, weighted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihood and responsibilities from the per-component log-probabilities (B, K)."""

@@ -53,5 +53,7 @@ def _describe(ctx: StageContext) -> str:
 
 
 STAGE = Stage("select", _run, needs=("embed", "pool"), reads=("selector", "budget", "seed"), describe=_describe,
-              version=2,  # 2: k-means restarts on a sample then streamed passes; lcs_gmm's PCA on its fit sample
+              # 2: k-means restarts on a sample then streamed passes; lcs_gmm's PCA on its fit sample
+              # 3: lcs_gmm below 256 dimensions prunes with a spectral bound and sums whitened rows (float32)
+              version=3,
               code=("ssat.selection", "ssat.clustering", "ssat.models", "ssat.attacks", "ssat.lightning"))

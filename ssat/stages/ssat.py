@@ -102,7 +102,9 @@ def _describe(ctx: StageContext) -> str:
 
 
 STAGE = Stage("ssat", _run, needs=("pool", "embed", "select", "pseudo_label"), every_rank=True, describe=_describe,
-              version=2,  # 2: TRADES' log-softmaxes in fp32 (bf16 runs change; fp32 runs compute the same)
+              # 2: TRADES' log-softmaxes in fp32 (bf16 runs change; fp32 runs compute the same)
+              # 3: adaptive re-selection by lcs_gmm below 256 dimensions: the select stage's version 3
+              version=3,
               code=("ssat.models", "ssat.attacks", "ssat.selection", "ssat.lightning"),
               reads=("model", "ssat", "attack", "selector", "budget", "seed", "trainer", "selection.target",
                      "eval.val_pgd", "eval.batch_size"))

@@ -165,13 +165,15 @@ def test_an_interrupted_evaluation_resumes_with_the_points_still_to_attack(model
     attacked: list[int] = []
 
     class CountingAutoAttack(AutoAttack):
+        """Counts the points it is called on; PGD in AutoAttack's place (what is resumed is the chunks, whatever
+        attack fills them: the real AutoAttack is tested above)."""
         fail_at_call = None
 
         def __call__(self, model, x, y):
             if len(attacked) == self.fail_at_call:
                 raise Interrupt
             attacked.append(len(x))
-            return super().__call__(model, x, y)
+            return pgd_attack(model, x, y, **PGD)
 
     monkeypatch.setattr(evaluate_module, "AutoAttack", CountingAutoAttack)
     aa = {"enabled": True, "eps": 0.1}

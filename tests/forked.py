@@ -43,7 +43,7 @@ _context = multiprocessing.get_context("forkserver")
 _started = False
 
 
-def _start_server() -> None:
+def start_server() -> None:
     """The server inherits the environment it is started in: the worker's own, whatever a test has patched."""
     global _started
     if _started:
@@ -146,7 +146,7 @@ def popen_module(module: str, args: list[str], *, env: dict[str, str] | None = N
         for file in filter(None, files):
             file.close()  # the child holds its own copy
         return proc
-    _start_server()
+    start_server()
     scratch = tempfile.TemporaryDirectory(prefix="forked-")
     targets, captured = [], []
     for name, stream in (("stdout", stdout), ("stderr", stderr)):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from sklearn.datasets import load_digits
 
+import forked
 from ssat import distributed
 from ssat.config import build
 from ssat.data.splits import SemiSupervisedData
@@ -277,7 +278,9 @@ def test_two_ranks_sample_the_pool_a_single_process_samples(tmp_path):
     info = generate_pool(build_unet(8, 1, TINY_UNET), new_scheduler().config, single, **args)
     assert "ranks" not in info
     sharded = tmp_path / "sharded"
-    torch.multiprocessing.spawn(_sample_on_rank, args=(2, str(tmp_path / "init"), str(sharded), args), nprocs=2)
+    forked.start_server()  # the ranks fork from the worker's forkserver, which has imported torch already
+    torch.multiprocessing.start_processes(_sample_on_rank, args=(2, str(tmp_path / "init"), str(sharded), args),
+                                          nprocs=2, start_method="forkserver")
     np.testing.assert_array_equal(np.load(sharded / "images.npy"), np.load(single / "images.npy"))
     assert sorted(p.name for p in sharded.iterdir()) == ["images.npy", "progress.json"]  # shards assembled, gone
 

@@ -55,10 +55,14 @@ def test_a_declaration_that_leaves_out_what_the_stage_reads_fails(monkeypatch, t
 
 
 def test_the_attack_enters_the_intermediate_key_only_when_it_trains_with_it(tmp_path):
-    standard = [run_in_process(f"attack.eps={eps}", "selector=random", tmp_path=tmp_path)["stage_keys"]
-                for eps in (0.1, 0.2)]
-    adversarial = [run_in_process("intermediate.adversarial=true", f"attack.eps={eps}", "selector=random",
-                                  tmp_path=tmp_path)["stage_keys"] for eps in (0.1, 0.2)]
+    """The runs stop at the stages compared (``+stage``): their keys are the ones a whole run computes."""
+    def keys(*overrides: str) -> dict[str, str]:
+        stages = run_in_process(*overrides, "selector=random", tmp_path=tmp_path)["stages"]
+        return {name: record["key"] for name, record in stages.items()}
+
+    standard = [keys("+stage=ssat", f"attack.eps={eps}") for eps in (0.1, 0.2)]
+    adversarial = [keys("+stage=intermediate", "intermediate.adversarial=true", f"attack.eps={eps}")
+                   for eps in (0.1, 0.2)]
     assert standard[0]["intermediate"] == standard[1]["intermediate"]
     assert standard[0]["ssat"] != standard[1]["ssat"]
     assert adversarial[0]["intermediate"] != adversarial[1]["intermediate"]

@@ -172,10 +172,10 @@ class _TorchMixture:
             # per block: (end, the block's columns of every U_k (end, K, width), minus their offsets (K, width))
             self.whiten = [(end, factors[:, :end, start:end].permute(1, 0, 2).float().contiguous(),
                             -offsets[:, start:end].float()) for start, end in coordinate_blocks(dim)]
-            self.offsets32 = (means - centre).float()
-            self.half_offset_norms = 0.5 * self.offsets32.square().sum(1)
             self.spectral = len(self.whiten) < HEAD_BOUND_MIN_BLOCKS
             if self.spectral:  # lambda_min(Sigma_k^-1) = 1 / lambda_max(Sigma_k), shrunk to stay a lower bound
+                self.offsets32 = (means - centre).float()
+                self.half_offset_norms = 0.5 * self.offsets32.square().sum(1)
                 self.min_precisions = (1 - 1e-6) / torch.linalg.eigvalsh(covariances)[:, -1]
         else:
             _raise_if_not_positive_definite((covariances <= 0).any(-1))
@@ -209,7 +209,7 @@ class _TorchMixture:
             return loglik
         parts, whitened = [], [[] for _ in self.means32]
         for chunk in self._chunks(x, pruned=True):
-            loglik, completed = self._pruned_log_prob(chunk)
+            loglik, completed = self._pruned_log_prob(chunk, keep_whitened=stats is not None)
             parts.append(loglik)
             for k, pair in enumerate(completed):  # kept for the batch: the sums are then a few large matmuls
                 whitened[k].append(pair)
@@ -259,9 +259,10 @@ class _TorchMixture:
         whitened = torch.addmm(negative_offsets.view(-1), centred[:, :end], weights.view(end, -1))
         return whitened.view(len(centred), *negative_offsets.shape)
 
-    def _pruned_log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _pruned_log_prob(self, x: torch.Tensor, keep_whitened: bool = True
+                         ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per-row log-likelihood (B,) and, per component, the whitened coordinates (rows, D) and responsibilities of
-        the rows whose responsibility for it is not negligible.
+        the rows whose responsibility for it is not negligible (with keep_whitened; else no components).
 
         Upper bounds on every log-probability pick each row's most promising component, which is completed first;
         then only the components whose bound stays within PRUNE_LOG_RATIO of the best exact one. The rows are
@@ -294,7 +295,7 @@ class _TorchMixture:
             completed.append((rows, z))
         loglik, resp = self._normalise(weighted)
         kept = []
-        for k, (rows, z) in enumerate(completed):
+        for k, (rows, z) in enumerate(completed if keep_whitened else []):
             resp_k = resp[rows, k]
             counted = resp_k >= NEGLIGIBLE_RESPONSIBILITY
             if not counted.all():

@@ -52,8 +52,8 @@ COORDINATE_BLOCK = 64
 # PRUNE_LOG_RATIO of the best exact one. A component dropped this way has a responsibility below e^-60 = 1e-26
 # (scikit-learn's would round to the same mean and covariance sums), so EM is unchanged while most of the K-fold
 # whitening is skipped on separated data. The bound: with HEAD_BOUND_MIN_BLOCKS coordinate blocks or more, the
-# whitened coordinates of the first HEAD_FRACTION of the blocks for every component (one block of 64 at D = 512:
-# a quarter cost 20% more time in the fit, measured at 40,000 x 512); below, |x - mu_k|^2 times the precision's
+# whitened coordinates of the first HEAD_FRACTION of the blocks for every component (one block of 64 at D = 512;
+# a quarter of the blocks was slower on the benchmark's clusters); below, |x - mu_k|^2 times the precision's
 # smallest eigenvalue (an eigendecomposition per component and iteration: cheap below 256 dimensions, 0.25 s at
 # 512). Rows are grouped by their most promising component, in chunks of PRUNED_CHUNK_ELEMENTS (rows x K x width)
 # for the head: larger groups make larger matmuls. Scoring never prunes: every log-probability is exact there.
